@@ -1,0 +1,235 @@
+"""
+The GPT used by both the policy and the reward model of this alignment-from-
+demonstrations project: a small, nanoGPT-style decoder-only transformer.
+
+API
+    GPTConfig                      hyperparameters (dataclass)
+    GPT(config)                    the model
+      .forward(idx, targets=None)  -> (logits (B, T, V), mean NLL loss or None)
+      .hidden(idx, pos=None, attn_mask=None, cache=None, cache_pos=0)
+                                   -> final hidden states (B, T, C) after ln_f
+    token_logprobs(model, idx, targets)  -> (B, T) per-token log-probs, 0 at -100
+    generate(model, prompts, n_samples, max_new_tokens, eos_id, ...)
+                                   -> (tokens, lengths), KV-cached sampling
+    configure_optimizer(model, lr, weight_decay, betas)  -> AdamW
+    num_params(model)              -> number of (unique) parameters
+
+Module names follow nanoGPT / GPT-2 so that GPT-2 weights can be loaded.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128   # max sequence length
+    vocab_size: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True       # bias in Linears and LayerNorms
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, cache=None, cache_pos=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if cache is not None:  # write the new keys/values in place, attend to everything cached so far
+            k_cache, v_cache = cache  # each (B, nh, T_max, hd)
+            k_cache[:, :, cache_pos:cache_pos + T] = k
+            v_cache[:, :, cache_pos:cache_pos + T] = v
+            k, v = k_cache[:, :, :cache_pos + T], v_cache[:, :, :cache_pos + T]  # (B, nh, T_total, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,  # (B, nh, T, hd)
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None, cache_pos=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, cache_pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
+            if name.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, idx, pos=None, attn_mask=None, cache=None, cache_pos=0):
+        """Final hidden states (B, T, C) after ln_f.
+        idx: (B, T) token ids. pos: (B, T) position ids, default cache_pos..cache_pos+T-1.
+        attn_mask: bool (B, 1, T, T_total), True = may attend; T_total = cache_pos + T.
+        cache: list (one per layer) of (k, v) tensors (B, n_head, T_max, head_dim), written in
+        place at cache_pos:cache_pos+T. Without cache and mask this is the plain causal path."""
+        B, T = idx.size()
+        if pos is None:
+            assert cache_pos + T <= self.config.block_size, f"sequence of length {cache_pos + T} > block_size"
+            pos = torch.arange(cache_pos, cache_pos + T, device=idx.device)  # (T,)
+        if cache is not None and attn_mask is None:  # causal mask aligned to the end of the cache
+            attn_mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=idx.device).tril(diagonal=cache_pos)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, None if cache is None else cache[i], cache_pos)  # (B, T, C)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.hidden(idx))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        # sum / count instead of the default mean, so that all-ignored targets give 0.0, not NaN
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                              ignore_index=-100, reduction='sum')
+        loss = nll / (targets != -100).sum().clamp(min=1)
+        return logits, loss
+
+
+def token_logprobs(model, idx, targets):
+    """Per-token log-probabilities (B, T) of targets under the model:
+        out[b, t] = log softmax(logits[b, t])[targets[b, t]] = log p(targets[b, t] | idx[b, :t+1])
+    and exactly 0.0 where targets[b, t] == -100. Computed in float32."""
+    logits, _ = model(idx)  # (B, T, V)
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    mask = targets != -100  # (B, T)
+    out = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return out.masked_fill(~mask, 0.0)
+
+
+def _sample(logits, temperature, top_k, generator):
+    """One token id per row from logits (R, V): greedy if temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (R,)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]  # (R, 1)
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    probs = F.softmax(logits, dim=-1)  # (R, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (R,)
+
+
+@torch.no_grad()
+def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0, top_k=None, generator=None):
+    """Sample n_samples continuations of each prompt (a list of P lists of token ids) with a KV cache.
+    Returns tokens (P*n_samples, max_new_tokens) and lengths (P*n_samples,); rows of prompt i are
+    i*n_samples .. (i+1)*n_samples-1. A row ends with (and includes) eos_id and is padded with eos_id;
+    its length counts the eos, or is max_new_tokens if it never produced one. temperature 0 = greedy.
+    The generator (if any) must live on the model's device."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    for i, p in enumerate(prompts):
+        if len(p) == 0 or len(p) + max_new_tokens > cfg.block_size:
+            raise ValueError(f"prompt {i}: length {len(p)} + max_new_tokens {max_new_tokens} exceeds "
+                             f"block_size {cfg.block_size} (or the prompt is empty)")
+    was_training = model.training
+    model.eval()
+
+    # left-pad the prompts into one (P, L) batch; each real prompt starts at position 0
+    P, L, R = len(prompts), max(len(p) for p in prompts), len(prompts) * n_samples
+    idx = torch.zeros(P, L, dtype=torch.long, device=device)
+    real = torch.zeros(P, L, dtype=torch.bool, device=device)  # True at real (non-pad) tokens
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        real[i, L - len(p):] = True
+    pos = (real.cumsum(dim=1) - 1).clamp(min=0)  # (P, L)
+
+    # prefix pass, once per prompt: causal, pad keys masked out; the diagonal stays allowed so that
+    # pad queries (outputs unused) never have an all-masked row, which gives NaN on some SDPA backends
+    T_max, hd = L + max_new_tokens, cfg.n_embd // cfg.n_head
+    w = model.transformer.wte.weight
+    cache = [tuple(w.new_zeros(P, cfg.n_head, T_max, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
+    mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (P, 1, L, L)
+    logits = model.lm_head(model.hidden(idx, pos=pos, attn_mask=mask, cache=cache)[:, -1])  # (P, V)
+
+    # expand everything to P * n_samples rows
+    cache = [(k.repeat_interleave(n_samples, dim=0), v.repeat_interleave(n_samples, dim=0)) for k, v in cache]
+    logits = logits.repeat_interleave(n_samples, dim=0)  # (R, V)
+    key_ok = torch.ones(R, 1, 1, T_max, dtype=torch.bool, device=device)  # which cached keys are real
+    key_ok[:, 0, 0, :L] = real.repeat_interleave(n_samples, dim=0)
+    next_pos = real.sum(dim=1).repeat_interleave(n_samples)  # (R,) position of the first new token
+
+    tokens = torch.full((R, max_new_tokens), eos_id, dtype=torch.long, device=device)
+    lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        tok = _sample(logits, temperature, top_k, generator)  # (R,)
+        tok = tok.masked_fill(done, eos_id)
+        tokens[:, t] = tok
+        finished = ~done & (tok == eos_id)
+        lengths[finished] = t + 1
+        done |= finished
+        if t == max_new_tokens - 1 or done.all():
+            break
+        h = model.hidden(tok[:, None], pos=(next_pos + t)[:, None], attn_mask=key_ok[..., :L + t + 1],
+                         cache=cache, cache_pos=L + t)  # (R, 1, C)
+        logits = model.lm_head(h[:, -1])  # (R, V)
+
+    model.train(was_training)
+    return tokens, lengths
+
+
+def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW; weight decay on parameters with dim >= 2 (matmul weights, embeddings), none on biases/LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    groups = [
+        {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+        {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())

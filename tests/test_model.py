@@ -1,0 +1,241 @@
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, configure_optimizer, generate, token_logprobs
+
+V, BLOCK = 50, 32
+
+
+def tiny_model(seed=0, sharp=False, **kw):
+    """A tiny GPT in eval mode. sharp=True re-draws the matrices with a large std, so that greedy outputs
+    depend strongly on every token and position (a fresh std-0.02 model barely looks at positions)."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=BLOCK, vocab_size=V, n_layer=2, n_head=2, n_embd=32, **kw)
+    model = GPT(cfg).eval()
+    if sharp:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.3)
+    return model
+
+
+def rand_tokens(*shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, shape, generator=g)
+
+
+def greedy_reference(model, prompt, max_new_tokens, eos_id):
+    """Greedy decoding with plain full forwards (no cache)."""
+    x, out = torch.tensor([prompt]), []
+    for _ in range(max_new_tokens):
+        tok = model(x)[0][0, -1].argmax().item()
+        out.append(tok)
+        x = torch.cat([x, torch.tensor([[tok]])], dim=1)
+        if tok == eos_id:
+            break
+    return out
+
+
+def check_eos_consistency(tokens, lengths, eos_id, max_new_tokens):
+    for row, n in zip(tokens.tolist(), lengths.tolist()):
+        if eos_id in row:
+            j = row.index(eos_id)
+            assert n == j + 1
+            assert all(t == eos_id for t in row[j:])
+        else:
+            assert n == max_new_tokens
+
+
+def test_causality():
+    model = tiny_model()
+    idx = rand_tokens(2, 16)
+    logits, _ = model(idx)
+    t = 9
+    idx2 = idx.clone()
+    idx2[:, t] = (idx2[:, t] + 1) % V
+    logits2, _ = model(idx2)
+    assert torch.allclose(logits[:, :t], logits2[:, :t], atol=1e-6)
+    assert not torch.allclose(logits[:, t:], logits2[:, t:], atol=1e-4)
+
+
+def test_tied_embedding():
+    model = tiny_model()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def new_cache(model, B, T_max):
+    c = model.config
+    return [tuple(torch.zeros(B, c.n_head, T_max, c.n_embd // c.n_head) for _ in range(2))
+            for _ in range(c.n_layer)]
+
+
+def test_kv_cache_matches_full_forward_unpadded():
+    model = tiny_model()
+    idx = rand_tokens(2, 12)
+    full, _ = model(idx)
+    cache = new_cache(model, 2, 12)
+    # a prefix of 5, then a chunk of 3 (tests the end-aligned causal mask), then one token at a time
+    chunks = [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 12)]
+    for a, b in chunks:
+        logits = model.lm_head(model.hidden(idx[:, a:b], cache=cache, cache_pos=a))
+        assert torch.allclose(logits, full[:, a:b], atol=1e-5)
+
+
+def test_kv_cache_left_padded_matches_full_forward():
+    model = tiny_model()
+    seqs = [rand_tokens(10, seed=2).tolist(), rand_tokens(8, seed=3).tolist()]
+    plens = [4, 2]  # prompt lengths; 6 continuation tokens each
+    L, steps = max(plens), 6
+    idx = torch.zeros(2, L, dtype=torch.long)
+    real = torch.zeros(2, L, dtype=torch.bool)
+    for i, (s, n) in enumerate(zip(seqs, plens)):
+        idx[i, L - n:] = torch.tensor(s[:n])
+        real[i, L - n:] = True
+    pos = (real.cumsum(1) - 1).clamp(min=0)
+    mask = (torch.ones(L, L, dtype=torch.bool).tril() & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool)
+    cache = new_cache(model, 2, L + steps)
+    pre = model.lm_head(model.hidden(idx, pos=pos, attn_mask=mask, cache=cache))  # (2, L, V)
+    fulls = [model(torch.tensor([s]))[0][0] for s in seqs]
+    for i, n in enumerate(plens):
+        assert torch.allclose(pre[i, L - n:], fulls[i][:n], atol=1e-5)
+    key_ok = torch.ones(2, 1, 1, L + steps, dtype=torch.bool)
+    key_ok[:, 0, 0, :L] = real
+    for t in range(steps):
+        tok = torch.tensor([[seqs[i][plens[i] + t]] for i in range(2)])
+        p = torch.tensor([[plens[i] + t] for i in range(2)])
+        h = model.hidden(tok, pos=p, attn_mask=key_ok[..., :L + t + 1], cache=cache, cache_pos=L + t)
+        logits = model.lm_head(h)[:, 0]
+        for i in range(2):
+            assert torch.allclose(logits[i], fulls[i][plens[i] + t], atol=1e-5)
+
+
+PROMPTS = [[3, 14, 15, 9, 2, 6], [27, 1], [8, 8, 41, 7]]
+
+
+def test_generate_greedy_matches_full_forward_loop():
+    model = tiny_model(sharp=True)
+    max_new = 12
+    # pick as eos a token greedy decoding of prompt 0 produces at step 3, so early stopping is exercised
+    eos_id = greedy_reference(model, PROMPTS[0], max_new, eos_id=-1)[3]
+    refs = [greedy_reference(model, p, max_new, eos_id) for p in PROMPTS]
+    tokens, lengths = generate(model, PROMPTS, n_samples=2, max_new_tokens=max_new, eos_id=eos_id, temperature=0)
+    assert tokens.shape == (6, max_new) and lengths.shape == (6,)
+    assert tokens.dtype == torch.long and lengths.dtype == torch.long
+    assert lengths[0].item() <= 4
+    for i, ref in enumerate(refs):
+        for r in (2 * i, 2 * i + 1):
+            assert lengths[r].item() == len(ref)
+            assert tokens[r, :len(ref)].tolist() == ref
+            assert (tokens[r, len(ref):] == eos_id).all()
+
+
+def test_generate_restores_training_flag():
+    model = tiny_model().train()
+    generate(model, PROMPTS, 1, 3, eos_id=0, temperature=0)
+    assert model.training
+    model.eval()
+    generate(model, PROMPTS, 1, 3, eos_id=0, temperature=0)
+    assert not model.training
+
+
+def test_generate_seeded_reproducible_and_contiguous():
+    model = tiny_model()
+    kw = dict(prompts=PROMPTS, n_samples=4, max_new_tokens=10, eos_id=0, temperature=1.0)
+    a = generate(model, **kw, generator=torch.Generator().manual_seed(123))
+    b = generate(model, **kw, generator=torch.Generator().manual_seed(123))
+    c = generate(model, **kw, generator=torch.Generator().manual_seed(456))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    # rows of one prompt are contiguous: greedy with n_samples=3 gives blocks of 3 identical rows
+    model = tiny_model(sharp=True)
+    tok, _ = generate(model, PROMPTS, 3, 6, eos_id=0, temperature=0)
+    for i in range(len(PROMPTS)):
+        block = tok[3 * i:3 * i + 3]
+        assert (block == block[0]).all()
+        assert tok[3 * i].tolist() == (greedy_reference(model, PROMPTS[i], 6, eos_id=0) + [0] * 6)[:6]
+
+
+def test_generate_eos_lengths_and_padding():
+    model = tiny_model()
+    eos_id, max_new = 7, 16
+    with torch.no_grad():  # make eos likely at every step: logits become wte @ (k * w_eos / |w_eos|^2)
+        w_eos = model.transformer.wte.weight[eos_id]
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(2.3 * w_eos / w_eos.pow(2).sum())
+    tokens, lengths = generate(model, PROMPTS, n_samples=4, max_new_tokens=max_new, eos_id=eos_id,
+                               generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (12, max_new)
+    assert (lengths < max_new).any()  # some rows stopped early
+    check_eos_consistency(tokens, lengths, eos_id, max_new)
+    # and on an unmodified model with sampling + top_k
+    model = tiny_model()
+    tokens, lengths = generate(model, PROMPTS, n_samples=4, max_new_tokens=max_new, eos_id=3, top_k=5,
+                               generator=torch.Generator().manual_seed(1))
+    check_eos_consistency(tokens, lengths, 3, max_new)
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny_model()
+    g, lg = generate(model, PROMPTS, 2, 10, eos_id=0, temperature=0)
+    t, lt = generate(model, PROMPTS, 2, 10, eos_id=0, temperature=0.8, top_k=1,
+                     generator=torch.Generator().manual_seed(5))
+    assert torch.equal(g, t) and torch.equal(lg, lt)
+
+
+def test_token_logprobs_and_masked_loss():
+    model = tiny_model()
+    idx = rand_tokens(3, 10)
+    targets = rand_tokens(3, 11, seed=9)[:, 1:]  # a non-contiguous slice, as in idx[:, 1:]
+    targets[0, :4] = -100
+    targets[2, 7:] = -100
+    lp = token_logprobs(model, idx, targets)
+    assert lp.shape == (3, 10) and lp.dtype == torch.float32
+    logits, loss = model(idx, targets)
+    ce = F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-100, reduction='none').view(3, 10)
+    mask = targets != -100
+    assert torch.allclose(lp[mask], -ce[mask], atol=1e-5)
+    assert (lp[~mask] == 0.0).all()
+    assert torch.allclose(loss, ce[mask].mean(), atol=1e-5)
+    # all targets ignored: loss is exactly 0, finite, and backward works
+    model.train()
+    _, loss = model(idx, torch.full_like(targets, -100))
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_too_long_prompt_raises():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="prompt 1"):
+        generate(model, [[1, 2], list(range(30))], n_samples=1, max_new_tokens=5, eos_id=0)
+    generate(model, [[1, 2], list(range(27))], n_samples=1, max_new_tokens=5, eos_id=0)  # exactly fits
+
+
+def test_optimizer_groups():
+    model = tiny_model()
+    opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() < 2 for p in no_decay['params'])
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g['params'])
+    assert n_opt == sum(p.numel() for p in model.parameters())
+
+
+def test_overfit_one_batch():
+    model = tiny_model().train()
+    idx = rand_tokens(4, 16)
+    targets = rand_tokens(4, 16, seed=4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(100):
+        _, loss = model(idx, targets)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
