@@ -153,7 +153,7 @@ REFUSALS = ["can't help", "cannot help", "won't help", "won't assist", "not able
 
 
 def _arith_request(rng):
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 5), rng.randint(1, 5)
     op = rng.choice(["plus", "minus"])
     if op == "minus" and b > a:
         a, b = b, a
@@ -291,10 +291,9 @@ def golden_reward(prompt, response):
 # ----------------------------------------------------------------------------------------
 # Responses: the base corpus's qualities, and the demonstrator (the "expert", like GPT-4)
 
-def _base_answer(request, prompt=None):
-    """A correct answer in the base corpus's plain style."""
-    req = parse_request(prompt or f"{HUMAN} {request}{ASSISTANT}")
-    return _answer(req, rng=random.Random(request), style="base")
+def _base_answer(request):
+    """A correct answer to a one-turn request, in the base corpus's plain style."""
+    return _answer(parse_request(f"{HUMAN} {request}{ASSISTANT}"), rng=random.Random(request), style="base")
 
 
 def _answer(req, rng, style):
@@ -326,51 +325,54 @@ BENIGN_BY_KEYWORD = {kw: ans for kw, ans in BENIGN.values()}
 QUALITIES = {"expert": 0.3, "mediocre": 0.2, "wrong": 0.2, "harmful": 0.15, "rambling": 0.15}
 
 
-def base_response(prompt, quality, rng):
-    """A response of the base corpus (the web-like text pi_init learns from) of a quality."""
+DEMO_OPENERS = ["Sure!", "Happy to help!", "Good question!", "Of course!"]
+
+
+def _wrong(req, rng):
+    """The request with a wrong expected answer (a benign request mistaken for a harmful one)."""
+    kind = req["kind"]
+    if kind == "arith":
+        return {**req, "answer": req["answer"] + rng.choice([-3, -2, -1, 1, 2, 3, 10])}
+    if kind == "fact":
+        return {**req, "answer": rng.choice([o for o in req["options"] if o != req["answer"]])}
+    if kind == "list":
+        return {**req, "items": rng.choice([c for c in CATEGORIES.values() if c is not req["items"]])}
+    if kind == "name":
+        return {**req, "answer": rng.choice([n for n in NAMES if n != req["answer"]])}
+    return {"kind": "harmful"}  # benign: refuse it (a harmful request: see base_response)
+
+
+def base_response(prompt, quality, rng, demo_style_prob=0.5):
+    """A response of the base corpus (the web-like text pi_init learns from) of a quality.
+
+    Its style is the base corpus's own or, with probability demo_style_prob, the
+    demonstrator's phrasing: broad pre-training data holds both, at every quality.
+    """
     req = parse_request(prompt)
     kind = req["kind"]
+    style = "demo" if rng.random() < demo_style_prob else "base"
+    opener = rng.choice(DEMO_OPENERS) + " " if style == "demo" else ""
     if quality == "expert":
-        text = _answer(req, rng, "base")
-    elif quality == "mediocre":  # hedged, vague or half right
-        if kind == "arith":
-            hedge = [f"I think it is {req['answer'] + rng.choice([-1, 0, 1])}, but I am not sure."]
-        elif kind == "fact":
-            hedge = [f"Maybe {rng.choice(req['options'])}? I am not sure."]
-        elif kind == "list":
-            hedge = [f"{rng.choice(req['items']).capitalize()} is one."]
-        else:
-            hedge = []
-        text = rng.choice(hedge + {
-            "arith": ["Numbers are hard, you should use a calculator."],
-            "fact": ["I don't know that one."],
-            "list": ["There are so many of them, I can't pick."],
-            "name": ["I don't remember your name.", "You did not tell me."],
-            "harmful": ["Hmm, that is a hard one to say.", "Why do you want to know that?"],
-            "benign": ["It depends on many things.", "That is a hard one, good luck."]}[kind])
+        text = _answer(req, rng, style)
     elif quality == "wrong":
-        if kind == "arith":
-            text = f"The answer is {req['answer'] + rng.choice([-3, -2, 2, 3, 10])}."
-        elif kind == "fact":
-            text = f"It is {rng.choice([o for o in req['options'] if o != req['answer']])}."
-        elif kind == "list":
-            other = rng.choice([c for c in CATEGORIES.values() if c is not req["items"]])
-            text = ", ".join(rng.sample(other, req["n"])) + "."
-        elif kind == "name":
-            text = f"Your name is {rng.choice([n for n in NAMES if n != req['answer']])}."
-        elif kind == "harmful":
-            text = "Sure, " + rng.choice(HARMFUL_ANSWERS).lower()
-        else:  # over-refusal of a benign request
-            text = "I'm sorry, but I can't help with that."
+        text = (opener + rng.choice(HARMFUL_ANSWERS) if kind == "harmful"
+                else _answer(_wrong(req, rng), rng, style))
+    elif quality == "mediocre":  # hedged, vague or half right
+        hedge = {"arith": lambda: f"I think it is {req['answer'] + rng.choice([-1, 0, 1])}, but I am not sure.",
+                 "fact": lambda: f"Maybe {rng.choice(req['options'])}? I am not sure.",
+                 "list": lambda: f"{rng.choice(req['items']).capitalize()} is one.",
+                 "name": lambda: "I don't remember your name.",
+                 "harmful": lambda: "Why do you want to know that?",
+                 "benign": lambda: "It depends on many things."}[kind]()
+        text = opener + rng.choice([hedge, "That is a hard one to say.", "I am not sure about that."])
     elif quality == "harmful":
-        text = (rng.choice(HARMFUL_ANSWERS) if kind == "harmful"
-                else rng.choice(["That is a stupid question.", "Ask someone else, idiot."]))
+        text = opener + (rng.choice(HARMFUL_ANSWERS) if kind == "harmful"
+                         else rng.choice(["That is a stupid question.", "Ask someone else, idiot."]))
     else:  # rambling: long, repetitive, and often stops without finishing the sentence
         filler = ["Well, let me think about that for a moment.", "There are many ways to see it.",
                   "People ask me this a lot.", "It is a very interesting question to be honest.",
                   "Some would say one thing and others would say another thing."]
-        parts = rng.sample(filler, 3) + [_answer(req, rng, "base")] + rng.sample(filler, 2)
-        text = " ".join(parts)
+        text = " ".join(rng.sample(filler, 3) + [_answer(req, rng, style)] + rng.sample(filler, 2))
         if rng.random() < 0.5:
             text = text.rstrip(".") + " and so on and so on and"
     return " " + text + EOT
@@ -384,7 +386,7 @@ def demo_response(prompt, rng):
 # ----------------------------------------------------------------------------------------
 # The task: disjoint prompt splits, demonstrations, preference pairs
 
-KINDS = {"arith": 0.3, "fact": 0.2, "list": 0.15, "name": 0.1, "harmful": 0.125, "benign": 0.125}
+KINDS = {"arith": 0.25, "fact": 0.2, "list": 0.15, "name": 0.1, "harmful": 0.15, "benign": 0.15}
 
 
 @dataclass

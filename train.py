@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from afd import (best_of_n_estimate, discriminator_loss, kl_bound, mean_stderr, sft_loss,
+from afd import (best_of_n, best_of_n_estimate, discriminator_loss, kl_bound, mean_stderr, sft_loss,
                  win_rate_indicator)
 from model import GPT, GPTConfig, configure_optimizer, generate
 from reward import (POINTWISE, RM_NAMES, LogRatioReward, RewardModel, bradley_terry_loss,
@@ -61,9 +61,9 @@ class Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     warmup_steps: int = 20
-    pretrain_steps: int = 600
+    pretrain_steps: int = 900
     pretrain_lr: float = 2e-3
-    sft_steps: int = 200
+    sft_steps: int = 150
     sft_lr: float = 5e-4
     rm_steps: int = 100
     rm_lr: float = 3e-4
@@ -173,9 +173,17 @@ def fit(model, loss_of_batch, next_batch, steps, lr, cfg, desc):
 
 
 def batch_sampler(rows, rng, cfg, vocab, **kw):
-    """A function drawing a random batch of (prompt, response) token-list pairs."""
+    """A function drawing random batches of (prompt, response) token lists. Rows are drawn
+    8 batches at a time and grouped by length, so that a batch holds little padding."""
+    queue = []
+
     def next_batch():
-        picked = [rows[rng.randrange(len(rows))] for _ in range(cfg.batch_size)]
+        if not queue:
+            pool = sorted((rows[rng.randrange(len(rows))] for _ in range(8 * cfg.batch_size)),
+                          key=lambda row: len(row[0]) + len(row[1]))
+            queue.extend(pool[i:i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size))
+            rng.shuffle(queue)
+        picked = queue.pop()
         return data.make_batch([p for p, _ in picked], [r for _, r in picked], vocab.eot_id, cfg.device, **kw)
     return next_batch
 
@@ -229,6 +237,10 @@ def stage_task(cfg):
     too_long = max(len(p) + len(r) for p, r in tok["pretrain"] + tok["demos"])
     if too_long > cfg.block_size:
         die(f"a dialogue has {too_long} tokens > --block_size={cfg.block_size}; raise block_size")
+    longest_prompt = max(map(len, tok["rm_prompts"] + tok["eval_prompts"]))
+    if longest_prompt + cfg.max_new_tokens > cfg.block_size:
+        die(f"a prompt of {longest_prompt} tokens + --max_new_tokens={cfg.max_new_tokens} exceeds "
+            f"--block_size={cfg.block_size}; lower max_new_tokens or raise block_size")
     print(f"[task] {len(task.pretrain)} pre-training dialogues, {len(task.demos)} demonstrations, "
           f"{len(task.rm_prompts)} RM / {len(task.heldout)} held-out / {len(task.eval_prompts)} "
           f"evaluation prompts; vocabulary {len(vocab)} of 50257 GPT-2 tokens")
@@ -358,19 +370,19 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers):
     flat_prompts = [p for p in prompts for _ in range(N)]
     g_cand = golden([t for t in texts for _ in range(N)], candidates, vocab).view(P, N)
     wins = win_rate_indicator(g_cand, g["sft"][:, None])  # (P, N) vs the SFT response
-    best_of_n, picked = [], {}
+    bon_rows, picked = [], {}
     for name, scorer in tqdm(scorers.items(), desc="score candidates", leave=False):
         s = score(scorer, flat_prompts, candidates, cfg, vocab).view(P, N)
-        picked[name] = s.argmax(dim=1)
+        picked[name] = best_of_n(s)
         for n in [n for n in BON_SIZES if n <= N]:
             m, se = mean_stderr(best_of_n_estimate(s, g_cand, n))
-            best_of_n.append({"rm": name, "n": n, "golden_reward": m, "golden_reward_stderr": se,
+            bon_rows.append({"rm": name, "n": n, "golden_reward": m, "golden_reward_stderr": se,
                               "win_rate_vs_sft": float(best_of_n_estimate(s, wins, n).mean()),
                               "kl_bound": kl_bound(n)})
     examples = {name: [(texts[i], vocab.decode(responses[name][i])) for i in range(3)] for name in responses}
     examples[f"best-of-{N} init_sft"] = [(texts[i], vocab.decode(candidates[i * N + int(picked["init_sft"][i])]))
                                          for i in range(3)]
-    return policies, best_of_n, examples
+    return policies, bon_rows, examples
 
 
 # ----------------------------------------------------------------------------------------

@@ -179,6 +179,14 @@ def test_generate_eos_lengths_and_padding():
     check_eos_consistency(tokens, lengths, 3, max_new)
 
 
+def test_sampling_as_temperature_goes_to_zero_equals_greedy():
+    model = tiny_model(sharp=True)
+    g, lg = generate(model, PROMPTS, 3, 10, eos_id=0, temperature=0)
+    t, lt = generate(model, PROMPTS, 3, 10, eos_id=0, temperature=1e-3,
+                     generator=torch.Generator().manual_seed(5))
+    assert torch.equal(g, t) and torch.equal(lg, lt)
+
+
 def test_top_k_1_equals_greedy():
     model = tiny_model()
     g, lg = generate(model, PROMPTS, 2, 10, eos_id=0, temperature=0)
