@@ -322,7 +322,7 @@ def _answer(req, rng, style):
 
 
 BENIGN_BY_KEYWORD = {kw: ans for kw, ans in BENIGN.values()}
-QUALITIES = {"expert": 0.3, "mediocre": 0.2, "wrong": 0.2, "harmful": 0.15, "rambling": 0.15}
+QUALITIES = {"expert": 0.35, "mediocre": 0.15, "wrong": 0.05, "harmful": 0.2, "rambling": 0.25}
 
 
 DEMO_OPENERS = ["Sure!", "Happy to help!", "Good question!", "Of course!"]

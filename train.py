@@ -63,7 +63,7 @@ class Config:
     warmup_steps: int = 20
     pretrain_steps: int = 900
     pretrain_lr: float = 2e-3
-    sft_steps: int = 150
+    sft_steps: int = 40
     sft_lr: float = 5e-4
     rm_steps: int = 100
     rm_lr: float = 3e-4
@@ -112,6 +112,14 @@ def parse_args(argv):
     cfg = Config(preset=preset, **PRESETS[preset])
     for key, value in pairs:
         setattr(cfg, key, convert(key, value, types[key]))
+    positive = [f.name for f in fields(Config) if f.type in (int, "int") and f.name not in ("seed", "top_k")]
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            die(f"--{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.n_embd % cfg.n_head:
+        die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    if cfg.temperature < 0 or cfg.top_k < 0:
+        die("--temperature and --top_k must not be negative")
     return cfg
 
 
@@ -379,6 +387,8 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers):
             bon_rows.append({"rm": name, "n": n, "golden_reward": m, "golden_reward_stderr": se,
                               "win_rate_vs_sft": float(best_of_n_estimate(s, wins, n).mean()),
                               "kl_bound": kl_bound(n)})
+    print("[evaluate] golden reward " + ", ".join(f"{p['name']} {p['golden_reward']:.3f}" for p in policies)
+          + f"; best-of-{N} " + ", ".join(f"{b['rm']} {b['golden_reward']:.3f}" for b in bon_rows if b["n"] == N))
     examples = {name: [(texts[i], vocab.decode(responses[name][i])) for i in range(3)] for name in responses}
     examples[f"best-of-{N} init_sft"] = [(texts[i], vocab.decode(candidates[i * N + int(picked["init_sft"][i])]))
                                          for i in range(3)]

@@ -51,6 +51,8 @@ def test_unknown_option_and_bad_value_are_one_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run("--preset=smoke", "--n_layer=two")
     assert proc.returncode == 2 and "--n_layer='two' is not a valid int" in proc.stderr
+    proc = run("--preset=smoke", "--bon_n=0")
+    assert proc.returncode == 2 and "--bon_n=0 must be at least 1" in proc.stderr
     proc = run("--preset=huge")
     assert proc.returncode == 2 and "unknown preset 'huge'" in proc.stderr
     proc = run("--preset=smoke", "--device=cuda") if not torch.cuda.is_available() else None
