@@ -201,7 +201,13 @@ def parse_request(prompt):
     if not prompt.endswith(ASSISTANT) or HUMAN not in prompt:
         raise ValueError(f"not a dialogue prompt ending in {ASSISTANT!r}: {prompt[-60:]!r}")
     context, request = prompt[:-len(ASSISTANT)].rsplit(HUMAN, 1)
-    request = request.strip()
+    try:
+        return _parse(context, request.strip())
+    except KeyError:  # e.g. a country or a category the tables do not hold
+        raise ValueError(f"not a prompt of the built-in task: {request.strip()!r}") from None
+
+
+def _parse(context, request):
     if m := re.search(r"(\d+) (plus|minus) (\d+)", request):
         a, op, b = int(m[1]), m[2], int(m[3])
         return {"kind": "arith", "answer": a + b if op == "plus" else a - b, "operands": {a, b}}

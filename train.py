@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 from afd import (best_of_n, best_of_n_estimate, discriminator_loss, kl_bound, mean_stderr, sft_loss,
                  win_rate_indicator)
-from model import GPT, GPTConfig, configure_optimizer, generate
+from model import GPT, GPTConfig, configure_optimizer, generate, num_params
 from reward import (POINTWISE, RM_NAMES, LogRatioReward, RewardModel, bradley_terry_loss,
                     pairwise_accuracy)
 
@@ -261,7 +261,7 @@ def stage_pretrain(cfg, vocab, tok, rng):
     losses = fit(pi_init, lambda m, b: m(b[0], b[1])[1], next_batch, cfg.pretrain_steps,
                  cfg.pretrain_lr, cfg, "pretrain pi_init")
     save_checkpoint(os.path.join(cfg.out_dir, "pi_init.pt"), pi_init, vocab, cfg)
-    print(f"[pretrain] pi_init: {sum(p.numel() for p in pi_init.parameters()) / 1e6:.2f}M params, "
+    print(f"[pretrain] pi_init: {num_params(pi_init) / 1e6:.2f}M params, "
           f"loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return pi_init
 

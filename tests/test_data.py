@@ -67,8 +67,9 @@ def test_golden_reward_reads_the_name_from_earlier_turns():
 
 
 def test_golden_reward_rejects_foreign_prompts():
-    with pytest.raises(ValueError, match="not a prompt of the built-in task"):
-        golden_reward(prompt("Tell me a joke."), " No." + EOT)
+    for request in ["Tell me a joke.", "What is the capital of Narnia?", "Name five animals."]:
+        with pytest.raises(ValueError, match="not a prompt of the built-in task"):
+            golden_reward(prompt(request), " No." + EOT)
 
 
 def test_task_splits_are_disjoint_and_demonstrations_are_expert():
