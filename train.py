@@ -180,6 +180,11 @@ def fit(model, loss_of_batch, next_batch, steps, lr, cfg, desc):
     return losses
 
 
+def pairs_batch(pairs, cfg, vocab, **kw):
+    """data.make_batch on a list of (prompt, response) token-list pairs."""
+    return data.make_batch([p for p, _ in pairs], [r for _, r in pairs], vocab.eot_id, cfg.device, **kw)
+
+
 def batch_sampler(rows, rng, cfg, vocab, **kw):
     """A function drawing random batches of (prompt, response) token lists. Rows are drawn
     8 batches at a time and grouped by length, so that a batch holds little padding."""
@@ -191,8 +196,7 @@ def batch_sampler(rows, rng, cfg, vocab, **kw):
                           key=lambda row: len(row[0]) + len(row[1]))
             queue.extend(pool[i:i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size))
             rng.shuffle(queue)
-        picked = queue.pop()
-        return data.make_batch([p for p, _ in picked], [r for _, r in picked], vocab.eot_id, cfg.device, **kw)
+        return pairs_batch(queue.pop(), cfg, vocab, **kw)
     return next_batch
 
 
@@ -299,9 +303,7 @@ def train_reward_model(name, cfg, vocab, tok, samples, rng, pi_init):
         pairs = tok["pref"]
 
         def loss_of_batch(model, picked):
-            b = data.make_batch([p for p, _, _ in picked] * 2, [c for _, c, _ in picked] +
-                                [r for _, _, r in picked], vocab.eot_id, cfg.device)
-            r = model(*b)
+            r = model(*pairs_batch([(p, c) for p, c, _ in picked] + [(p, r) for p, _, r in picked], cfg, vocab))
             return bradley_terry_loss(r[:len(picked)], r[len(picked):])
         next_batch = lambda: [pairs[rng.randrange(len(pairs))] for _ in range(half)]
     else:
@@ -313,8 +315,7 @@ def train_reward_model(name, cfg, vocab, tok, samples, rng, pi_init):
         pos, neg = source[pos_src], source[neg_src]
 
         def loss_of_batch(model, picked):
-            b = data.make_batch([p for p, _ in picked], [r for _, r in picked], vocab.eot_id, cfg.device)
-            r = model(*b)
+            r = model(*pairs_batch(picked, cfg, vocab))
             return discriminator_loss(r[:half], r[half:])
         next_batch = lambda: ([pos[rng.randrange(len(pos))] for _ in range(half)] +
                               [neg[rng.randrange(len(neg))] for _ in range(half)])
@@ -378,10 +379,11 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers):
     flat_prompts = [p for p in prompts for _ in range(N)]
     g_cand = golden([t for t in texts for _ in range(N)], candidates, vocab).view(P, N)
     wins = win_rate_indicator(g_cand, g["sft"][:, None])  # (P, N) vs the SFT response
-    bon_rows, picked = [], {}
+    bon_rows = []
     for name, scorer in tqdm(scorers.items(), desc="score candidates", leave=False):
         s = score(scorer, flat_prompts, candidates, cfg, vocab).view(P, N)
-        picked[name] = best_of_n(s)
+        if name == "init_sft":
+            best_init_sft = best_of_n(s)  # (P,) shown in the report
         for n in [n for n in BON_SIZES if n <= N]:
             m, se = mean_stderr(best_of_n_estimate(s, g_cand, n))
             bon_rows.append({"rm": name, "n": n, "golden_reward": m, "golden_reward_stderr": se,
@@ -390,7 +392,7 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers):
     print("[evaluate] golden reward " + ", ".join(f"{p['name']} {p['golden_reward']:.3f}" for p in policies)
           + f"; best-of-{N} " + ", ".join(f"{b['rm']} {b['golden_reward']:.3f}" for b in bon_rows if b["n"] == N))
     examples = {name: [(texts[i], vocab.decode(responses[name][i])) for i in range(3)] for name in responses}
-    examples[f"best-of-{N} init_sft"] = [(texts[i], vocab.decode(candidates[i * N + int(picked["init_sft"][i])]))
+    examples[f"best-of-{N} init_sft"] = [(texts[i], vocab.decode(candidates[i * N + int(best_init_sft[i])]))
                                          for i in range(3)]
     return policies, bon_rows, examples
 
