@@ -10,6 +10,9 @@ Tokenizer, the built-in task and its golden reward, and batching.
   ("\\n\\nHuman: ...\\n\\nAssistant:"), the response is what follows the last "Assistant:".
   Its `golden_reward(prompt, response)` is a program (rules listed in README.md), standing
   in for the paper's golden reward model, so every claim can be checked exactly.
+- Demonstrations from a file: `read_demos` reads a user's JSON-lines file of
+  {"prompt", "response"} objects (e.g. responses of a stronger model), with one clear
+  `DataError` naming the file and line for anything malformed.
 - Batching: `make_batch` right-pads (prompt, response) token lists into one batch whose
   targets are -100 everywhere except on response tokens (or on the whole dialogue for
   pre-training). The same batch format serves pre-training, SFT, scoring and reward models.
@@ -17,6 +20,7 @@ Tokenizer, the built-in task and its golden reward, and batching.
     python data.py          # prints a few examples of each kind and their golden rewards
 """
 import hashlib
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -455,6 +459,51 @@ def build_task(seed, n_pretrain, n_demo, n_rm, n_heldout, n_eval, multi_turn_pro
                 pref_pairs=[preference_pair(p, rng, pref_noise_temp) for p in split["rm"]],
                 heldout=heldout, eval_prompts=split["eval"],
                 eval_demos=[demo_response(p, rng) for p in split["eval"]])
+
+
+# ----------------------------------------------------------------------------------------
+# Demonstrations from a file
+
+class DataError(ValueError):
+    """A problem with a file the user gave; the message names the file, the line and a fix."""
+
+
+def read_demos(path):
+    """Demonstrations from a JSON-lines file, one {"prompt": ..., "response": ...} a line.
+
+    The prompt is a dialogue in the HH-RLHF format ending with "\n\nAssistant:"; the
+    response is the text that follows it (end-of-text is appended if missing). Blank lines
+    are skipped. Returns (rows, line_numbers) with rows a list of (prompt, response).
+    """
+    fix = 'each line must be one JSON object {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "response": " ..."}'
+    rows, lines = [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for k, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {k}: not valid JSON ({e.msg}); {fix}") from None
+                if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
+                        and isinstance(obj.get("response"), str)):
+                    raise DataError(f'{path} line {k}: needs the string fields "prompt" and "response"; {fix}')
+                prompt, response = obj["prompt"], obj["response"]
+                if not prompt.endswith(ASSISTANT) or HUMAN not in prompt:
+                    raise DataError(f"{path} line {k}: the prompt must be a dialogue ending with "
+                                    f"{ASSISTANT!r} (the HH-RLHF format); {fix}")
+                if not response.replace(EOT, "").strip():
+                    raise DataError(f"{path} line {k}: the response is empty")
+                rows.append((prompt, response if response.endswith(EOT) else response + EOT))
+                lines.append(k)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}); give the path of a JSON-lines file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; give a JSON-lines file") from None
+    if not rows:
+        raise DataError(f"{path}: holds no demonstrations (an empty file?); {fix}")
+    return rows, lines
 
 
 # ----------------------------------------------------------------------------------------

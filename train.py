@@ -4,6 +4,7 @@ The end-to-end Alignment-from-Demonstrations pipeline and its command line.
     python train.py                         # preset `cpu` (or `gpu` when CUDA is there)
     python train.py --preset=smoke          # the whole pipeline in under a minute (tests)
     python train.py --seed=1 --bon_n=16     # any Config field: --field=value
+    torchrun --standalone --nproc_per_node=2 train.py   # data-parallel on 2 GPUs (or CPU processes)
 
 Stages (each prints a one-line summary; long ones show a tqdm bar):
  1. task      build the built-in task from the seed and its compact vocabulary
@@ -11,9 +12,15 @@ Stages (each prints a one-line summary; long ones show a tqdm bar):
  3. sft       pi_sft: forward KL to the demonstrator = SFT on the demonstrations
  4. sample    pi_init and pi_sft on the reward-model prompts (negatives and positives)
  5. rm        the reward models of reward.py, and their held-out accuracies
- 6. bon       N samples of pi_sft per evaluation prompt, scored by every reward model
- 7. evaluate  golden reward, win rate vs SFT, Best-of-n for every n <= N, KL bound
-Outputs in --out_dir: pi_init.pt, pi_sft.pt, rm_<name>.pt, results.json, report.md.
+ 6. evaluate  golden reward and win rate vs SFT of every policy; Best-of-n of pi_sft with
+              every reward model for every n <= N (one draw of N), with the KL bound
+Outputs in --out_dir: pi_init.pt, pi_sft.pt, samples.pt, rm_<name>.pt, results.json, report.md.
+
+Re-running with the same --out_dir resumes: a stage whose saved result was made with the
+same config (the fields in STAGE_FIELDS, of it and of every stage before it) is loaded, not
+redone; a training stage that was interrupted restarts from its last `<name>.resume.pt`
+(every --ckpt_every steps). Batches are a function of (seed, stage, step, rank), so a
+resumed run gives the same results as an uninterrupted one.
 """
 import json
 import math
@@ -21,10 +28,14 @@ import os
 import random
 import sys
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
@@ -42,6 +53,7 @@ class Config:
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
     task: str = "synthetic"
+    demos: str = ""               # a JSON-lines file of {"prompt", "response"}: replaces the built-in demonstrations
     # the task: how many prompts in each (disjoint) split
     n_pretrain: int = 6000
     n_demo: int = 1500
@@ -57,7 +69,7 @@ class Config:
     block_size: int = 128
     dropout: float = 0.0
     # optimisation
-    batch_size: int = 32
+    batch_size: int = 32          # the global batch: split across processes under torchrun
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     warmup_steps: int = 20
@@ -67,6 +79,7 @@ class Config:
     sft_lr: float = 5e-4
     rm_steps: int = 100
     rm_lr: float = 3e-4
+    ckpt_every: int = 100         # training steps between resumable checkpoints
     # sampling and Best-of-N
     temperature: float = 1.0
     top_k: int = 0                # 0 = no top-k filter
@@ -80,14 +93,28 @@ class Config:
 PRESETS = {
     "smoke": dict(n_pretrain=300, n_demo=100, n_rm=40, n_heldout=20, n_eval=24, n_layer=2,
                   n_head=2, n_embd=32, batch_size=16, pretrain_steps=30, sft_steps=15,
-                  rm_steps=10, bon_n=8, max_new_tokens=32, warmup_steps=5),
+                  rm_steps=10, bon_n=8, max_new_tokens=32, warmup_steps=5, ckpt_every=10),
     "cpu": dict(),
     "gpu": dict(n_pretrain=20000, n_demo=4000, n_rm=2000, n_heldout=500, n_eval=1000,
                 n_layer=6, n_head=6, n_embd=384, batch_size=64, pretrain_steps=3000,
                 pretrain_lr=1e-3, sft_steps=600, sft_lr=3e-4, rm_steps=400, rm_lr=1e-4,
-                sample_rows=8192),
+                sample_rows=8192, ckpt_every=500),
 }
 BON_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+# What each stage's result depends on. A stage also depends on every stage before it, so a
+# changed field redoes its stage and everything downstream (fields not listed, such as
+# out_dir, device or ckpt_every, do not change results).
+STAGE_FIELDS = {
+    "task": ["seed", "task", "demos", "n_pretrain", "n_demo", "n_rm", "n_heldout", "n_eval",
+             "multi_turn_prob", "pref_noise_temp"],
+    "pretrain": ["n_layer", "n_head", "n_embd", "block_size", "dropout", "batch_size",
+                 "weight_decay", "grad_clip", "warmup_steps", "pretrain_steps", "pretrain_lr", "bf16"],
+    "sft": ["sft_steps", "sft_lr"],
+    "sample": ["temperature", "top_k", "max_new_tokens", "n_rm_samples", "sample_rows"],
+    "rm": ["rm_steps", "rm_lr"],
+    "evaluate": ["bon_n"],
+}
 
 
 def die(msg):
@@ -135,15 +162,124 @@ def convert(key, value, typ):
 
 
 # ----------------------------------------------------------------------------------------
-# Small tools shared by the stages
+# Processes: one by default; under torchrun, WORLD data-parallel ranks. Training runs
+# DistributedDataParallel; sampling and scoring split the rows and gather them in order,
+# so every rank holds the same results and rank 0 alone writes files.
 
-def save_checkpoint(path, model, vocab, cfg):
+WORLD, RANK = 1, 0
+
+
+def setup_distributed(cfg):
+    global WORLD, RANK
+    if "RANK" not in os.environ:
+        return
+    cuda = cfg.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    WORLD, RANK = dist.get_world_size(), dist.get_rank()
+    if cuda:
+        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(cfg.device)
+    if cfg.batch_size % WORLD:
+        die(f"--batch_size={cfg.batch_size} must be a multiple of the {WORLD} processes")
+
+
+def is_main():
+    return RANK == 0
+
+
+def log(msg):
+    if is_main():
+        print(msg, flush=True)
+
+
+def progress(iterable, **kw):
+    return tqdm(iterable, leave=False, disable=not is_main(), **kw)
+
+
+def shard(n):
+    """This rank's contiguous slice [lo, hi) of n rows."""
+    return n * RANK // WORLD, n * (RANK + 1) // WORLD
+
+
+def gather_tensor(t):
+    """Every rank's t concatenated along dim 0, in rank order (lengths may differ)."""
+    if WORLD == 1:
+        return t
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = torch.tensor([t.shape[0]], device=comm)
+    sizes = [torch.zeros_like(size) for _ in range(WORLD)]
+    dist.all_gather(sizes, size)
+    padded = t.new_zeros((max(int(s) for s in sizes), *t.shape[1:]), device=comm)
+    padded[:t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in range(WORLD)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def gather_rows(rows):
+    """Every rank's list of token lists, concatenated in rank order."""
+    lengths = gather_tensor(torch.tensor([len(r) for r in rows], dtype=torch.long))
+    flat = gather_tensor(torch.tensor([t for r in rows for t in r], dtype=torch.long)).tolist()
+    out, i = [], 0
+    for n in lengths.tolist():
+        out.append(flat[i:i + n])
+        i += n
+    return out
+
+
+def all_finite(loss):
+    """Whether the loss is finite on every rank (so that all ranks stop together)."""
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if WORLD > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: written atomically by rank 0, loaded with weights_only=True, each holding the
+# stage config it was made with.
+
+def save_atomic(obj, path):
     """Write then rename, so an interrupted save never leaves a broken file."""
-    state = {"model": model.state_dict(), "model_config": asdict(model_config(cfg, vocab)),
-             "vocab": vocab.ids}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    if is_main():
+        tmp = path + ".tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    if WORLD > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path):
+    """A checkpoint's dict, unpickled safely (tensors and plain data only, never code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything else with an UnpicklingError
+        die(f"{path} is not a safe checkpoint of this project ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]}); delete it, or use another --out_dir")
+
+
+def stage_config(cfg, stage):
+    """The config a stage's result depends on: its fields and those of every stage before it."""
+    names = list(STAGE_FIELDS)
+    out = {"processes": WORLD}
+    for s in names[:names.index(stage) + 1]:
+        out.update({k: getattr(cfg, k) for k in STAGE_FIELDS[s]})
+    if cfg.demos:
+        with open(cfg.demos, "rb") as f:
+            out["demos_crc32"] = zlib.crc32(f.read())
+    return out
+
+
+def saved_result(path, stage_cfg, what):
+    """The checkpoint at path if it was made with stage_cfg (then the stage is skipped), else None."""
+    if not os.path.exists(path):
+        return None
+    state = load_checkpoint(path)
+    if state.get("stage_config") != stage_cfg:
+        log(f"[{what}] {path} was made with another config: redoing it")
+        return None
+    log(f"[{what}] up to date: {path}")
+    return state
 
 
 def model_config(cfg, vocab):
@@ -151,32 +287,97 @@ def model_config(cfg, vocab):
                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
 
 
+def save_model(path, model, vocab, stage_cfg, **extra):
+    save_atomic({"model": model.state_dict(), "model_config": asdict(model_config_of(model)),
+                 "vocab": vocab.ids, "stage_config": stage_cfg, **extra}, path)
+
+
+def model_config_of(model):
+    return model.config if isinstance(model, GPT) else model.trunk.config
+
+
+def load_weights(model, state, path, vocab):
+    """Load a checkpoint into model, with a clear error if it was made for another model."""
+    if state.get("model_config") != asdict(model_config_of(model)) or state.get("vocab") != vocab.ids:
+        die(f"{path} was made for another model config or vocabulary "
+            f"({state.get('model_config')} vs {asdict(model_config_of(model))}); "
+            f"delete it, or use another --out_dir")
+    model.load_state_dict(state["model"])
+
+
+def restore(model, path, stage_cfg, vocab, what):
+    """Load model from path if that result is up to date; returns whether it was."""
+    state = saved_result(path, stage_cfg, what)
+    if state is not None:
+        load_weights(model, state, path, vocab)
+        model.eval()
+    return state is not None
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+
 def autocast(cfg):
     if cfg.device.startswith("cuda") and cfg.bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
 
-def fit(model, loss_of_batch, next_batch, steps, lr, cfg, desc):
-    """AdamW with linear warm-up and cosine decay; returns the loss of each step."""
+def stable_seed(*parts):
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg):
+    """AdamW with linear warm-up and cosine decay; returns the loss of each step.
+
+    Resumable: every cfg.ckpt_every steps the model, optimizer, step, losses and RNG state go
+    to <out_dir>/<name>.resume.pt, and a later call with the same stage config continues from
+    there. batch_at(step) is a function of the step, so a resumed run equals an uninterrupted
+    one. A non-finite loss stops the run; the last good resume checkpoint is kept.
+    """
+    path = os.path.join(cfg.out_dir, f"{name}.resume.pt")
     opt = configure_optimizer(model, lr, cfg.weight_decay)
+    torch.manual_seed(stable_seed(cfg.seed, name, RANK))  # dropout
+    start, losses = 0, []
+    if os.path.exists(path):
+        state = load_checkpoint(path)
+        if state.get("stage_config") == stage_cfg:
+            load_weights(model, state, path, vocab)
+            opt.load_state_dict(state["optimizer"])
+            start, losses = state["step"], state["losses"]
+            torch.set_rng_state(state["rng"])
+            log(f"[{name}] resuming from step {start} of {steps} ({path})")
+    train_model = DistributedDataParallel(model) if WORLD > 1 else model
     model.train()
-    losses = []
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+    for step in (bar := progress(range(start, steps), initial=start, total=steps, desc=name)):
         warm = min(1.0, (step + 1) / cfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         with autocast(cfg):
-            loss = loss_of_batch(model, next_batch())
-        if not torch.isfinite(loss):
-            die(f"{desc}: the loss became {loss.item()} at step {step}; lower its learning rate")
+            loss = loss_of_batch(train_model, batch_at(step))
+        if not all_finite(loss):
+            kept = f"; the last good checkpoint is {path}" if os.path.exists(path) else ""
+            die(f"{name}: the loss became {loss.item()} at step {step}; lower its learning rate{kept}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            save_model(path, model, vocab, stage_cfg, optimizer=opt.state_dict(), step=step + 1,
+                       losses=losses, rng=torch.get_rng_state())
     model.eval()
+    return losses
+
+
+def train_and_save(model, name, loss_of_batch, batch_at, steps, lr, cfg, vocab, stage_cfg):
+    """fit, then save <name>.pt with its stage config and drop the resume checkpoint."""
+    losses = fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg)
+    save_model(os.path.join(cfg.out_dir, f"{name}.pt"), model, vocab, stage_cfg, losses=losses)
+    resume = os.path.join(cfg.out_dir, f"{name}.resume.pt")
+    if is_main() and os.path.exists(resume):
+        os.remove(resume)
     return losses
 
 
@@ -185,44 +386,51 @@ def pairs_batch(pairs, cfg, vocab, **kw):
     return data.make_batch([p for p, _ in pairs], [r for _, r in pairs], vocab.eot_id, cfg.device, **kw)
 
 
-def batch_sampler(rows, rng, cfg, vocab, **kw):
-    """A function drawing random batches of (prompt, response) token lists. Rows are drawn
-    8 batches at a time and grouped by length, so that a batch holds little padding."""
-    queue = []
+def batch_sampler(rows, cfg, vocab, name, **kw):
+    """batch_at(step): this rank's batch of (prompt, response) token lists at a step. Rows are
+    drawn 8 batches at a time and grouped by length, so that a batch holds little padding."""
+    size = cfg.batch_size // WORLD
 
-    def next_batch():
-        if not queue:
-            pool = sorted((rows[rng.randrange(len(rows))] for _ in range(8 * cfg.batch_size)),
-                          key=lambda row: len(row[0]) + len(row[1]))
-            queue.extend(pool[i:i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size))
-            rng.shuffle(queue)
-        return pairs_batch(queue.pop(), cfg, vocab, **kw)
-    return next_batch
+    @lru_cache(maxsize=1)
+    def group(g):
+        rng = random.Random(f"{cfg.seed}/{name}/{g}/{RANK}")
+        pool = sorted((rows[rng.randrange(len(rows))] for _ in range(8 * size)),
+                      key=lambda row: len(row[0]) + len(row[1]))
+        batches = [pool[i:i + size] for i in range(0, len(pool), size)]
+        rng.shuffle(batches)
+        return batches
 
+    return lambda step: pairs_batch(group(step // 8)[step % 8], cfg, vocab, **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling and scoring (rows split across ranks, gathered in order)
 
 def sample(policy, prompts, n, cfg, vocab, seed, desc):
     """n responses (token lists, ending with EOT if they ended) per prompt, prompt-major."""
-    gen = torch.Generator(cfg.device).manual_seed(seed)
+    lo, hi = shard(len(prompts))
+    gen = torch.Generator(cfg.device).manual_seed(seed + 1_000_003 * RANK)
     per_call = max(1, cfg.sample_rows // n)
     out = []
-    for i in tqdm(range(0, len(prompts), per_call), desc=desc, leave=False):
+    for i in progress(range(lo, hi, per_call), desc=desc):
         with autocast(cfg):
-            tokens, lengths = generate(policy, prompts[i:i + per_call], n, cfg.max_new_tokens,
+            tokens, lengths = generate(policy, prompts[i:min(i + per_call, hi)], n, cfg.max_new_tokens,
                                        vocab.eot_id, cfg.temperature, cfg.top_k or None, gen)
         out += [row[:k] for row, k in zip(tokens.tolist(), lengths.tolist())]
-    return out
+    return gather_rows(out)
 
 
 @torch.no_grad()
 def score(scorer, prompts, responses, cfg, vocab, batch=256):
     """Reward of each (prompt, response) pair: (B,) float tensor on the CPU."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        idx, targets, last = data.make_batch(prompts[i:i + batch], responses[i:i + batch],
-                                             vocab.eot_id, cfg.device)
+    lo, hi = shard(len(prompts))
+    out = [torch.zeros(0)]
+    for i in range(lo, hi, batch):
+        j = min(i + batch, hi)
+        idx, targets, last = data.make_batch(prompts[i:j], responses[i:j], vocab.eot_id, cfg.device)
         with autocast(cfg):
             out.append(scorer(idx, targets, last).float().cpu())
-    return torch.cat(out)
+    return gather_tensor(torch.cat(out))
 
 
 def golden(prompt_texts, responses, vocab):
@@ -235,6 +443,13 @@ def golden(prompt_texts, responses, vocab):
 def stage_task(cfg):
     task = data.build_task(cfg.seed, cfg.n_pretrain, cfg.n_demo, cfg.n_rm, cfg.n_heldout,
                            cfg.n_eval, cfg.multi_turn_prob, cfg.pref_noise_temp)
+    demo_source = [f"demonstration {i + 1}" for i in range(len(task.demos))]
+    if cfg.demos:
+        try:
+            task.demos, lines = data.read_demos(cfg.demos)
+        except data.DataError as e:
+            die(str(e))
+        demo_source = [f"{cfg.demos} line {k}" for k in lines]
     vocab = data.Vocab.from_texts(task.texts())
     enc = vocab.encode
     tok = {
@@ -246,43 +461,86 @@ def stage_task(cfg):
         "eval_prompts": [enc(p) for p in task.eval_prompts],
         "eval_demos": [enc(r) for r in task.eval_demos],
     }
-    too_long = max(len(p) + len(r) for p, r in tok["pretrain"] + tok["demos"])
-    if too_long > cfg.block_size:
-        die(f"a dialogue has {too_long} tokens > --block_size={cfg.block_size}; raise block_size")
+    rows = [(f"pre-training dialogue {i + 1}", p, r) for i, (p, r) in enumerate(tok["pretrain"])]
+    for where, p, r in rows + list(zip(demo_source, *zip(*tok["demos"]))):
+        if len(p) + len(r) > cfg.block_size:
+            die(f"{where} has {len(p) + len(r)} tokens, more than the context --block_size="
+                f"{cfg.block_size}; shorten it or raise block_size")
     longest_prompt = max(map(len, tok["rm_prompts"] + tok["eval_prompts"]))
     if longest_prompt + cfg.max_new_tokens > cfg.block_size:
         die(f"a prompt of {longest_prompt} tokens + --max_new_tokens={cfg.max_new_tokens} exceeds "
             f"--block_size={cfg.block_size}; lower max_new_tokens or raise block_size")
-    print(f"[task] {len(task.pretrain)} pre-training dialogues, {len(task.demos)} demonstrations, "
-          f"{len(task.rm_prompts)} RM / {len(task.heldout)} held-out / {len(task.eval_prompts)} "
-          f"evaluation prompts; vocabulary {len(vocab)} of 50257 GPT-2 tokens")
+    log(f"[task] {len(task.pretrain)} pre-training dialogues, {len(task.demos)} demonstrations"
+        f"{' from ' + cfg.demos if cfg.demos else ''}, {len(task.rm_prompts)} RM / "
+        f"{len(task.heldout)} held-out / {len(task.eval_prompts)} evaluation prompts; "
+        f"vocabulary {len(vocab)} of 50257 GPT-2 tokens")
     return task, vocab, tok
 
 
-def stage_pretrain(cfg, vocab, tok, rng):
+def check_memory(cfg, vocab):
+    """Stop with a clear message if the run cannot fit the device's free memory (a rough,
+    generous estimate: AdamW training of one model, and the KV cache of one sampling call)."""
+    C, L, T, V = cfg.n_embd, cfg.n_layer, cfg.block_size, len(vocab)
+    params = 12 * L * C * C + (V + T) * C
+    B = cfg.batch_size // WORLD
+    train = 16 * params + 4 * B * T * (L * (34 * C + 5 * cfg.n_head * T) + 3 * V)
+    rows = min(cfg.sample_rows, max(cfg.n_eval, cfg.n_rm, cfg.n_heldout) * max(cfg.bon_n, cfg.n_rm_samples, 2))
+    sampling = 4 * params + 4 * rows * (2 * L * T * C + 4 * V)
+    need = 1.2 * max(train, sampling) + 2**28
+    if cfg.device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(cfg.device))[0]
+    else:
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes share the host
+        free = available_host_memory()
+    if free is not None and need > free:
+        die(f"preset {cfg.preset!r} with this config needs about {need / 2**30:.1f} GiB on "
+            f"{cfg.device} but {free / 2**30:.1f} GiB is free; lower --batch_size or "
+            f"--sample_rows, or use a smaller preset (--preset=cpu or smoke)")
+
+
+def available_host_memory():
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None  # not Linux: no check
+
+
+def stage_pretrain(cfg, vocab, tok):
+    stage_cfg = stage_config(cfg, "pretrain")
+    torch.manual_seed(cfg.seed)
     pi_init = GPT(model_config(cfg, vocab)).to(cfg.device)
-    next_batch = batch_sampler(tok["pretrain"], rng, cfg, vocab, loss_on_prompt=True)
-    losses = fit(pi_init, lambda m, b: m(b[0], b[1])[1], next_batch, cfg.pretrain_steps,
-                 cfg.pretrain_lr, cfg, "pretrain pi_init")
-    save_checkpoint(os.path.join(cfg.out_dir, "pi_init.pt"), pi_init, vocab, cfg)
-    print(f"[pretrain] pi_init: {num_params(pi_init) / 1e6:.2f}M params, "
-          f"loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    if restore(pi_init, os.path.join(cfg.out_dir, "pi_init.pt"), stage_cfg, vocab, "pretrain"):
+        return pi_init
+    batch_at = batch_sampler(tok["pretrain"], cfg, vocab, "pretrain", loss_on_prompt=True)
+    losses = train_and_save(pi_init, "pi_init", lambda m, b: m(b[0], b[1])[1], batch_at,
+                            cfg.pretrain_steps, cfg.pretrain_lr, cfg, vocab, stage_cfg)
+    log(f"[pretrain] pi_init: {num_params(pi_init) / 1e6:.2f}M params, "
+        f"loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return pi_init
 
 
-def stage_sft(cfg, vocab, tok, rng, pi_init):
+def stage_sft(cfg, vocab, tok, pi_init):
+    stage_cfg = stage_config(cfg, "sft")
     pi_sft = GPT(pi_init.config).to(cfg.device)
+    if restore(pi_sft, os.path.join(cfg.out_dir, "pi_sft.pt"), stage_cfg, vocab, "sft"):
+        return pi_sft
     pi_sft.load_state_dict(pi_init.state_dict())
-    next_batch = batch_sampler(tok["demos"], rng, cfg, vocab)
-    losses = fit(pi_sft, lambda m, b: sft_loss(m, b[0], b[1]), next_batch, cfg.sft_steps,
-                 cfg.sft_lr, cfg, "sft pi_sft")
-    save_checkpoint(os.path.join(cfg.out_dir, "pi_sft.pt"), pi_sft, vocab, cfg)
-    print(f"[sft] response NLL {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    batch_at = batch_sampler(tok["demos"], cfg, vocab, "sft")
+    losses = train_and_save(pi_sft, "pi_sft", lambda m, b: sft_loss(m, b[0], b[1]), batch_at,
+                            cfg.sft_steps, cfg.sft_lr, cfg, vocab, stage_cfg)
+    log(f"[sft] response NLL {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return pi_sft
 
 
 def stage_sample(cfg, vocab, tok, pi_init, pi_sft):
     """pi_init and pi_sft samples on the RM prompts (training) and held-out prompts."""
+    stage_cfg = stage_config(cfg, "sample")
+    path = os.path.join(cfg.out_dir, "samples.pt")
+    state = saved_result(path, stage_cfg, "sample")
+    if state is not None:
+        return state["samples"]
     k = cfg.n_rm_samples
     heldout_prompts = [row[0] for row in tok["heldout"]]
     s = {"rm_prompts": [p for p in tok["rm_prompts"] for _ in range(k)],
@@ -290,37 +548,45 @@ def stage_sample(cfg, vocab, tok, pi_init, pi_sft):
          "sft": sample(pi_sft, tok["rm_prompts"], k, cfg, vocab, cfg.seed + 2, "sample pi_sft"),
          "heldout_init": sample(pi_init, heldout_prompts, 1, cfg, vocab, cfg.seed + 3, "sample pi_init"),
          "heldout_sft": sample(pi_sft, heldout_prompts, 2, cfg, vocab, cfg.seed + 4, "sample pi_sft")}
-    print(f"[sample] {len(s['init'])} pi_init and {len(s['sft'])} pi_sft samples on RM prompts, "
-          f"{len(s['heldout_sft'])} pi_sft on held-out prompts")
+    save_atomic({"samples": s, "stage_config": stage_cfg}, path)
+    log(f"[sample] {len(s['init'])} pi_init and {len(s['sft'])} pi_sft samples on RM prompts, "
+        f"{len(s['heldout_sft'])} pi_sft on held-out prompts")
     return s
 
 
-def train_reward_model(name, cfg, vocab, tok, samples, rng, pi_init):
+def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
     """One reward model of reward.RM_NAMES trained on its data (see the table in reward.py)."""
+    stage_cfg = {**stage_config(cfg, "rm"), "reward_model": name}
     rm = RewardModel.from_policy(pi_init).to(cfg.device)
-    half = cfg.batch_size // 2
+    if restore(rm, os.path.join(cfg.out_dir, f"rm_{name}.pt"), stage_cfg, vocab, f"rm {name}"):
+        return rm
+    half = cfg.batch_size // WORLD // 2
     if name == "pref":
         pairs = tok["pref"]
 
         def loss_of_batch(model, picked):
             r = model(*pairs_batch([(p, c) for p, c, _ in picked] + [(p, r) for p, _, r in picked], cfg, vocab))
             return bradley_terry_loss(r[:len(picked)], r[len(picked):])
-        next_batch = lambda: [pairs[rng.randrange(len(pairs))] for _ in range(half)]
+
+        def batch_at(step):
+            rng = random.Random(f"{cfg.seed}/rm_{name}/{step}/{RANK}")
+            return [pairs[rng.randrange(len(pairs))] for _ in range(half)]
     else:
         neg_src, pos_src = POINTWISE[name]
-        demos = tok["demos"]
         source = {"init": list(zip(samples["rm_prompts"], samples["init"])),
                   "sft": list(zip(samples["rm_prompts"], samples["sft"])),
-                  "demo": demos}
+                  "demo": tok["demos"]}
         pos, neg = source[pos_src], source[neg_src]
 
         def loss_of_batch(model, picked):
             r = model(*pairs_batch(picked, cfg, vocab))
             return discriminator_loss(r[:half], r[half:])
-        next_batch = lambda: ([pos[rng.randrange(len(pos))] for _ in range(half)] +
-                              [neg[rng.randrange(len(neg))] for _ in range(half)])
-    fit(rm, loss_of_batch, next_batch, cfg.rm_steps, cfg.rm_lr, cfg, f"rm {name}")
-    save_checkpoint(os.path.join(cfg.out_dir, f"rm_{name}.pt"), rm, vocab, cfg)
+
+        def batch_at(step):
+            rng = random.Random(f"{cfg.seed}/rm_{name}/{step}/{RANK}")
+            return ([pos[rng.randrange(len(pos))] for _ in range(half)] +
+                    [neg[rng.randrange(len(neg))] for _ in range(half)])
+    train_and_save(rm, f"rm_{name}", loss_of_batch, batch_at, cfg.rm_steps, cfg.rm_lr, cfg, vocab, stage_cfg)
     return rm
 
 
@@ -329,11 +595,11 @@ OWN_PAIRS = {"init_sft": ("sft_a", "init"), "init_demo": ("demo", "init"), "sft_
              "pref": ("chosen", "rejected"), "logratio": ("sft_a", "init")}
 
 
-def stage_reward_models(cfg, vocab, tok, samples, rng, pi_init, pi_sft):
+def stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft):
     scorers = {}
     for name in RM_NAMES:
         scorers[name] = (LogRatioReward(pi_sft, pi_init) if name == "logratio" else
-                         train_reward_model(name, cfg, vocab, tok, samples, rng, pi_init))
+                         train_reward_model(name, cfg, vocab, tok, samples, pi_init))
     # held-out pairs, one per held-out prompt: demo vs sft, chosen vs rejected, own data
     prompts, demos, chosen, rejected = map(list, zip(*tok["heldout"]))
     sft_a, sft_b = samples["heldout_sft"][0::2], samples["heldout_sft"][1::2]
@@ -356,9 +622,9 @@ def stage_reward_models(cfg, vocab, tok, samples, rng, pi_init, pi_sft):
                      "acc_chosen_vs_rejected": pairwise_accuracy(s["chosen"], s["rejected"]),
                      "acc_golden_sft_pairs": pairwise_accuracy(s_better, s_worse),
                      "n_golden_sft_pairs": int(differ.sum())})
-    print("[rm] held-out accuracy (own data / demo>sft / chosen>rejected / golden order of sft pairs): "
-          + "; ".join(f"{r['name']} {r['heldout_accuracy']:.2f}/{r['acc_demo_vs_sft']:.2f}/"
-                      f"{r['acc_chosen_vs_rejected']:.2f}/{r['acc_golden_sft_pairs']:.2f}" for r in rows))
+    log("[rm] held-out accuracy (own data / demo>sft / chosen>rejected / golden order of sft pairs): "
+        + "; ".join(f"{r['name']} {r['heldout_accuracy']:.2f}/{r['acc_demo_vs_sft']:.2f}/"
+                    f"{r['acc_chosen_vs_rejected']:.2f}/{r['acc_golden_sft_pairs']:.2f}" for r in rows))
     return scorers, rows
 
 
@@ -380,17 +646,17 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers):
     g_cand = golden([t for t in texts for _ in range(N)], candidates, vocab).view(P, N)
     wins = win_rate_indicator(g_cand, g["sft"][:, None])  # (P, N) vs the SFT response
     bon_rows = []
-    for name, scorer in tqdm(scorers.items(), desc="score candidates", leave=False):
+    for name, scorer in progress(scorers.items(), desc="score candidates"):
         s = score(scorer, flat_prompts, candidates, cfg, vocab).view(P, N)
         if name == "init_sft":
             best_init_sft = best_of_n(s)  # (P,) shown in the report
         for n in [n for n in BON_SIZES if n <= N]:
             m, se = mean_stderr(best_of_n_estimate(s, g_cand, n))
             bon_rows.append({"rm": name, "n": n, "golden_reward": m, "golden_reward_stderr": se,
-                              "win_rate_vs_sft": float(best_of_n_estimate(s, wins, n).mean()),
-                              "kl_bound": kl_bound(n)})
-    print("[evaluate] golden reward " + ", ".join(f"{p['name']} {p['golden_reward']:.3f}" for p in policies)
-          + f"; best-of-{N} " + ", ".join(f"{b['rm']} {b['golden_reward']:.3f}" for b in bon_rows if b["n"] == N))
+                             "win_rate_vs_sft": float(best_of_n_estimate(s, wins, n).mean()),
+                             "kl_bound": kl_bound(n)})
+    log("[evaluate] golden reward " + ", ".join(f"{p['name']} {p['golden_reward']:.3f}" for p in policies)
+        + f"; best-of-{N} " + ", ".join(f"{b['rm']} {b['golden_reward']:.3f}" for b in bon_rows if b["n"] == N))
     examples = {name: [(texts[i], vocab.decode(responses[name][i])) for i in range(3)] for name in responses}
     examples[f"best-of-{N} init_sft"] = [(texts[i], vocab.decode(candidates[i * N + int(best_init_sft[i])]))
                                          for i in range(3)]
@@ -421,24 +687,26 @@ def markdown_tables(results):
     return "\n".join(lines)
 
 
+def write_text_atomic(text, path):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_results(cfg, results, examples):
-    with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
+    write_text_atomic(json.dumps(results, indent=2), os.path.join(cfg.out_dir, "results.json"))
     report = [f"# Results: preset `{cfg.preset}`, seed {cfg.seed}, device {results['device']}, "
               f"{results['wall_time_s']:.0f} s", "", markdown_tables(results), "", "## Samples", ""]
     for name, rows in examples.items():
         report += [f"### {name}", ""] + [f"- `{p!r}` -> `{r!r}`" for p, r in rows] + [""]
-    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
-        f.write("\n".join(report))
+    write_text_atomic("\n".join(report), os.path.join(cfg.out_dir, "report.md"))
 
 
-def main(argv):
-    cfg = parse_args(argv)
+def check_device_and_out_dir(cfg):
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        die("--device=cuda but no CUDA GPU is visible; use --device=cpu")
+        die(f"--device={cfg.device} but no CUDA GPU is visible; use --device=cpu")
     if cfg.task != "synthetic":
         die(f"unknown --task={cfg.task!r}; only 'synthetic' (the built-in task) exists")
     try:
@@ -447,22 +715,43 @@ def main(argv):
         die(f"cannot create --out_dir={cfg.out_dir!r}: {e.strerror}; pick a writable folder")
     if not os.access(cfg.out_dir, os.W_OK):
         die(f"--out_dir={cfg.out_dir!r} is not writable; pick a writable folder")
+
+
+def saved_results(cfg):
+    """results.json of an earlier run with the same config, or None."""
+    try:
+        with open(os.path.join(cfg.out_dir, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return results if results.get("stage_config") == stage_config(cfg, "evaluate") else None
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    check_device_and_out_dir(cfg)
+    setup_distributed(cfg)
     t0 = time.time()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     task, vocab, tok = stage_task(cfg)
-    pi_init = stage_pretrain(cfg, vocab, tok, rng)
-    pi_sft = stage_sft(cfg, vocab, tok, rng, pi_init)
+    if (results := saved_results(cfg)) is not None:
+        log(f"[evaluate] up to date: {cfg.out_dir}/results.json\n" + markdown_tables(results))
+        return
+    check_memory(cfg, vocab)
+    pi_init = stage_pretrain(cfg, vocab, tok)
+    pi_sft = stage_sft(cfg, vocab, tok, pi_init)
     samples = stage_sample(cfg, vocab, tok, pi_init, pi_sft)
-    scorers, rm_rows = stage_reward_models(cfg, vocab, tok, samples, rng, pi_init, pi_sft)
+    scorers, rm_rows = stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft)
     policies, bon_rows, examples = stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers)
     results = {"preset": cfg.preset, "seed": cfg.seed, "device": cfg.device, "task": cfg.task,
-               "config": asdict(cfg), "policies": policies, "reward_models": rm_rows,
-               "best_of_n": bon_rows, "wall_time_s": time.time() - t0}
-    write_results(cfg, results, examples)
-    print(markdown_tables(results))
-    print(f"[done] {time.time() - t0:.0f} s; wrote {cfg.out_dir}/results.json and report.md")
+               "processes": WORLD, "config": asdict(cfg), "stage_config": stage_config(cfg, "evaluate"),
+               "policies": policies,
+               "reward_models": rm_rows, "best_of_n": bon_rows, "wall_time_s": time.time() - t0}
+    if is_main():
+        write_results(cfg, results, examples)
+    log(markdown_tables(results))
+    log(f"[done] {time.time() - t0:.0f} s; wrote {cfg.out_dir}/results.json and report.md")
+    if WORLD > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
