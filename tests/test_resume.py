@@ -1,0 +1,195 @@
+"""Reliability: resumable stages, safe checkpoints, clear errors on bad input, torchrun."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# smoke, with a pre-training stage long enough to be killed in the middle of
+ARGS = ["--preset=smoke", "--device=cpu", "--pretrain_steps=300", "--ckpt_every=25"]
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def comparable(out_dir):
+    """results.json without what may differ between two equal runs (wall time, out dir)."""
+    results = json.loads((Path(out_dir) / "results.json").read_text())
+    results.pop("wall_time_s")
+    results["config"].pop("out_dir")
+    return results
+
+
+def digests(out_dir):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(out_dir).iterdir()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted run; tests copy its out dir rather than change it."""
+    out = tmp_path_factory.mktemp("finished")
+    proc = run(*ARGS, f"--out_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_killed_run_resumes_to_the_same_results(finished, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", *ARGS, f"--out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "pi_init.resume.pt").exists() and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "pi_init.resume.pt").exists() and not (out / "pi_init.pt").exists()  # killed mid-stage
+    step = torch.load(out / "pi_init.resume.pt", weights_only=True)["step"]
+    resumed = run(*ARGS, f"--out_dir={out}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"[pi_init] resuming from step {step} of 300" in resumed.stdout
+    assert not (out / "pi_init.resume.pt").exists()
+    assert comparable(out) == comparable(finished)  # bit-identical on the CPU
+
+
+def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    same = run(*ARGS, f"--out_dir={out}")
+    assert same.returncode == 0 and "[evaluate] up to date" in same.stdout
+    assert comparable(out) == comparable(finished)
+    changed = run(*ARGS, f"--out_dir={out}", "--rm_lr=1e-3")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    for stage, path in [("pretrain", "pi_init.pt"), ("sft", "pi_sft.pt"), ("sample", "samples.pt")]:
+        assert f"[{stage}] up to date: {out / path}" in changed.stdout
+    assert "rm_init_sft.pt was made with another config: redoing it" in changed.stdout
+    assert comparable(out)["config"]["rm_lr"] == 1e-3
+    assert comparable(out)["policies"] == comparable(finished)["policies"]  # same pi_init, pi_sft
+    assert comparable(out)["reward_models"] != comparable(finished)["reward_models"]
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def demo_line(prompt="\n\nHuman: Hi there\n\nAssistant:", response=" Hello!"):
+    return json.dumps({"prompt": prompt, "response": response})
+
+
+def test_bad_inputs_are_one_clear_error_and_keep_earlier_files(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = digests(out)
+    a_file = write_lines(tmp_path / "plain.txt", ["not a folder"])
+    cases = [
+        (["--demos=" + str(tmp_path / "missing.jsonl")], "missing.jsonl: cannot read it (No such file"),
+        (["--demos=" + str(write_lines(tmp_path / "empty.jsonl", []))], "empty.jsonl: holds no demonstrations"),
+        (["--demos=" + str(write_lines(tmp_path / "bad.jsonl", [demo_line(), "{oops"]))],
+         "bad.jsonl line 2: not valid JSON"),
+        (["--demos=" + str(write_lines(tmp_path / "key.jsonl", [json.dumps({"prompt": "x"})]))],
+         'key.jsonl line 1: needs the string fields "prompt" and "response"'),
+        (["--demos=" + str(write_lines(tmp_path / "fmt.jsonl", [demo_line(prompt="Hi")]))],
+         "fmt.jsonl line 1: the prompt must be a dialogue ending with"),
+        (["--demos=" + str(write_lines(tmp_path / "long.jsonl", [demo_line(), demo_line("\n\nHuman:" + " word" * 200 + "\n\nAssistant:")]))],
+         "long.jsonl line 2 has "),  # ... tokens, more than the context
+        (["--batch_size=4000000"], "needs about"),
+        (["--n_layer=two"], "--n_layer='two' is not a valid int"),
+        (["--learning_rate=1"], "unknown option --learning_rate"),
+    ]
+    for extra, message in cases:
+        proc = run(*ARGS, f"--out_dir={out}", *extra)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert digests(out) == before, extra
+    proc = run(*ARGS, f"--out_dir={a_file}/out")
+    assert proc.returncode == 2 and "cannot create --out_dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class RunsCode:
+    """An object whose unpickling runs a command: what a malicious checkpoint holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "pi_init.pt"
+    torch.save({"model": RunsCode(marker)}, evil)
+    with pytest.raises(SystemExit) as stop:
+        train.load_checkpoint(str(evil))
+    assert stop.value.code == 2 and "is not a safe checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(evil, out / "pi_init.pt")
+    proc = run("--preset=smoke", f"--out_dir={out}")
+    assert proc.returncode == 2 and "pi_init.pt is not a safe checkpoint" in proc.stderr
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, capsys):
+    vocab = data.Vocab.from_texts(["\n\nHuman: What is 2 plus 3?\n\nAssistant: 5."])
+    small = GPT(GPTConfig(block_size=16, vocab_size=len(vocab), n_layer=1, n_head=1, n_embd=8))
+    wide = GPT(GPTConfig(block_size=16, vocab_size=len(vocab), n_layer=1, n_head=1, n_embd=16))
+    path = str(tmp_path / "pi_init.pt")
+    train.save_model(path, small, vocab, {"seed": 0})
+    with pytest.raises(SystemExit):
+        train.load_weights(wide, train.load_checkpoint(path), path, vocab)
+    assert "was made for another model config or vocabulary" in capsys.readouterr().err
+    other_vocab = data.Vocab.from_texts(["\n\nHuman: Hello\n\nAssistant: Hi."])
+    with pytest.raises(SystemExit):
+        train.load_weights(small, train.load_checkpoint(path), path, other_vocab)
+    train.load_weights(small, train.load_checkpoint(path), path, vocab)  # the right one loads
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = train.Config(out_dir=str(tmp_path), ckpt_every=2, warmup_steps=1, device="cpu")
+    vocab = data.Vocab.from_texts(["\n\nHuman: What is 2 plus 3?\n\nAssistant: 5."])
+    model = GPT(GPTConfig(block_size=16, vocab_size=len(vocab), n_layer=1, n_head=1, n_embd=8))
+    idx = torch.randint(len(vocab), (2, 8))
+
+    def loss_of_batch(m, step):
+        loss = m(idx, idx)[1]
+        return loss * float("nan") if step == 5 else loss
+    with pytest.raises(SystemExit):
+        train.fit(model, loss_of_batch, lambda step: step, 10, 1e-3, cfg, vocab, "toy", {"toy": 1})
+    err = capsys.readouterr().err
+    assert "toy: the loss became nan at step 5" in err and "toy.resume.pt" in err
+    kept = torch.load(tmp_path / "toy.resume.pt", weights_only=True)
+    assert kept["step"] == 4 and all(map(lambda x: x == x, kept["losses"]))
+
+
+def test_torchrun_two_processes_agree_with_one(finished, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "train.py", *ARGS, f"--out_dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = comparable(out), comparable(finished)
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["policies"][2]["golden_reward"] == 2.5  # the same demonstrations
+    rows = [(a, b) for a, b in zip(two["policies"][:2], one["policies"][:2])]
+    rows += [(a, b) for a, b in zip(two["best_of_n"], one["best_of_n"]) if a["n"] == 1]
+    for a, b in rows:  # different batches and samples, the same distribution
+        gap = abs(a["golden_reward"] - b["golden_reward"])
+        assert gap <= 3 * (a["golden_reward_stderr"] ** 2 + b["golden_reward_stderr"] ** 2) ** 0.5 + 1e-9
