@@ -39,10 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from afd import (best_of_n, best_of_n_estimate, discriminator_loss, kl_bound, mean_stderr, sft_loss,
-                 win_rate_indicator)
+from afd import (best_of_n, best_of_n_estimate, discriminator_loss, irft_loss, kl_bound, kl_estimate,
+                 mean_stderr, rloo_loss, sequence_logprob, sft_loss, win_rate_indicator)
 from model import GPT, GPTConfig, configure_optimizer, generate, num_params
-from reward import (POINTWISE, RM_NAMES, LogRatioReward, RewardModel, bradley_terry_loss,
+from reward import (POINTWISE, RM_NAMES, LogRatioReward, RewardModel, bradley_terry_loss, frozen_copy,
                     pairwise_accuracy)
 
 
@@ -88,12 +88,26 @@ class Config:
     bon_n: int = 32               # N: candidates per evaluation prompt
     sample_rows: int = 1024       # rows decoded at once
     bf16: bool = True             # bf16 autocast (CUDA only)
+    # policy optimisation (METHOD.md sections 1-2); `bon` is the Best-of-N evaluation
+    methods: str = "bon,adversarial,irl,irft,rl_init_sft"
+    pg_steps: int = 60            # optimiser steps of each trained method (irl, irft: over all rounds)
+    pg_lr: float = 2e-4
+    pg_prompts: int = 8           # prompts per policy-gradient step
+    pg_group: int = 8             # K samples per prompt (the RLOO group)
+    beta_kl: float = 0.2          # per-token KL penalty to the reference
+    disc_lr: float = 3e-4         # the adversarial discriminator
+    irl_rounds: int = 3           # iterated IRL: rounds of {sample, reward step, policy steps}
+    irl_rm_steps: int = 40        # Bradley-Terry steps per round
+    irft_stages: int = 2          # IRFT: stages, each against the frozen model it starts from
+    irft_beta: float = 0.5
+    n_round_samples: int = 256    # demonstration prompts sampled per IRL round / IRFT stage
 
 
 PRESETS = {
     "smoke": dict(n_pretrain=300, n_demo=100, n_rm=40, n_heldout=20, n_eval=24, n_layer=2,
                   n_head=2, n_embd=32, batch_size=16, pretrain_steps=30, sft_steps=15,
-                  rm_steps=10, bon_n=8, max_new_tokens=32, warmup_steps=5, ckpt_every=10),
+                  rm_steps=10, bon_n=8, max_new_tokens=32, warmup_steps=5, ckpt_every=10,
+                pg_steps=6, pg_prompts=4, pg_group=4, irl_rounds=2, irl_rm_steps=4, n_round_samples=16),
     "cpu": dict(),
     "gpu": dict(n_pretrain=20000, n_demo=4000, n_rm=2000, n_heldout=500, n_eval=1000,
                 n_layer=6, n_head=6, n_embd=384, batch_size=64, pretrain_steps=3000,
@@ -113,8 +127,13 @@ STAGE_FIELDS = {
     "sft": ["sft_steps", "sft_lr"],
     "sample": ["temperature", "top_k", "max_new_tokens", "n_rm_samples", "sample_rows"],
     "rm": ["rm_steps", "rm_lr"],
-    "evaluate": ["bon_n"],
+    "policy": ["pg_steps", "pg_lr", "pg_prompts", "pg_group", "beta_kl", "disc_lr", "irl_rounds",
+               "irl_rm_steps", "irft_stages", "irft_beta", "n_round_samples"],
+    "evaluate": ["bon_n", "methods"],
 }
+METHODS = ["bon", "adversarial", "irl", "irft", "rl_init_sft"]
+POLICY_NAMES = {"adversarial": "afd_adversarial", "irl": "irl_iterated", "irft": "irft",
+                "rl_init_sft": "rl_init_sft"}
 
 
 def die(msg):
@@ -147,7 +166,16 @@ def parse_args(argv):
         die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     if cfg.temperature < 0 or cfg.top_k < 0:
         die("--temperature and --top_k must not be negative")
+    unknown = set(methods_of(cfg)) - set(METHODS)
+    if unknown:
+        die(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {','.join(METHODS)}")
+    if cfg.pg_group < 2:
+        die(f"--pg_group={cfg.pg_group} must be at least 2 (RLOO needs a group)")
     return cfg
+
+
+def methods_of(cfg):
+    return [m for m in cfg.methods.split(",") if m]
 
 
 def convert(key, value, typ):
@@ -327,26 +355,34 @@ def stable_seed(*parts):
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
-def fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg):
-    """AdamW with linear warm-up and cosine decay; returns the loss of each step.
+def fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg, aux=None):
+    """AdamW with linear warm-up and cosine decay; returns the curve: one record per step,
+    {"step", "loss", ...} with whatever stats loss_of_batch returns beside its loss.
 
-    Resumable: every cfg.ckpt_every steps the model, optimizer, step, losses and RNG state go
-    to <out_dir>/<name>.resume.pt, and a later call with the same stage config continues from
-    there. batch_at(step) is a function of the step, so a resumed run equals an uninterrupted
-    one. A non-finite loss stops the run; the last good resume checkpoint is kept.
+    loss_of_batch(model, batch) -> loss or (loss, stats). aux is an optional (module,
+    optimizer) that loss_of_batch trains itself (the adversarial discriminator).
+    Resumable: every cfg.ckpt_every steps the model, optimizer, step, curve and RNG state (and
+    aux) go to <out_dir>/<name>.resume.pt, and a later call with the same stage config
+    continues from there. batch_at(step) is a function of the step, so a resumed run equals
+    an uninterrupted one. A non-finite loss stops the run; the last good checkpoint is kept.
     """
     path = os.path.join(cfg.out_dir, f"{name}.resume.pt")
     opt = configure_optimizer(model, lr, cfg.weight_decay)
     torch.manual_seed(stable_seed(cfg.seed, name, RANK))  # dropout
-    start, losses = 0, []
+    start, curve = 0, []
     if os.path.exists(path):
         state = load_checkpoint(path)
         if state.get("stage_config") == stage_cfg:
             load_weights(model, state, path, vocab)
             opt.load_state_dict(state["optimizer"])
-            start, losses = state["step"], state["losses"]
+            if aux is not None:
+                aux[0].load_state_dict(state["aux_model"])
+                aux[1].load_state_dict(state["aux_optimizer"])
+            start, curve = state["step"], state["curve"]
             torch.set_rng_state(state["rng"])
             log(f"[{name}] resuming from step {start} of {steps} ({path})")
+        else:
+            log(f"[{name}] {path} was made with another config: starting over")
     train_model = DistributedDataParallel(model) if WORLD > 1 else model
     model.train()
     for step in (bar := progress(range(start, steps), initial=start, total=steps, desc=name)):
@@ -354,7 +390,8 @@ def fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg):
         for group in opt.param_groups:
             group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         with autocast(cfg):
-            loss = loss_of_batch(train_model, batch_at(step))
+            out = loss_of_batch(train_model, batch_at(step))
+        loss, stats = out if isinstance(out, tuple) else (out, {})
         if not all_finite(loss):
             kept = f"; the last good checkpoint is {path}" if os.path.exists(path) else ""
             die(f"{name}: the loss became {loss.item()} at step {step}; lower its learning rate{kept}")
@@ -362,23 +399,34 @@ def fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        losses.append(loss.item())
+        curve.append({"step": step, "loss": loss.item(), **stats})
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            extra = {} if aux is None else {"aux_model": aux[0].state_dict(), "aux_optimizer": aux[1].state_dict()}
             save_model(path, model, vocab, stage_cfg, optimizer=opt.state_dict(), step=step + 1,
-                       losses=losses, rng=torch.get_rng_state())
+                       curve=curve, rng=torch.get_rng_state(), **extra)
     model.eval()
-    return losses
+    return curve
 
 
-def train_and_save(model, name, loss_of_batch, batch_at, steps, lr, cfg, vocab, stage_cfg):
-    """fit, then save <name>.pt with its stage config and drop the resume checkpoint."""
-    losses = fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg)
-    save_model(os.path.join(cfg.out_dir, f"{name}.pt"), model, vocab, stage_cfg, losses=losses)
-    resume = os.path.join(cfg.out_dir, f"{name}.resume.pt")
-    if is_main() and os.path.exists(resume):
-        os.remove(resume)
-    return losses
+def train_and_save(model, name, loss_of_batch, batch_at, steps, lr, cfg, vocab, stage_cfg, aux=None):
+    """fit, then save <name>.pt (with its stage config) and <name>.curve.jsonl, and drop the
+    resume checkpoint. Returns the curve."""
+    curve = fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg, aux)
+    save_model(os.path.join(cfg.out_dir, f"{name}.pt"), model, vocab, stage_cfg, curve=curve)
+    if is_main():
+        write_text_atomic("".join(json.dumps(r) + "\n" for r in curve),
+                          os.path.join(cfg.out_dir, f"{name}.curve.jsonl"))
+        resume = os.path.join(cfg.out_dir, f"{name}.resume.pt")
+        if os.path.exists(resume):
+            os.remove(resume)
+    return curve
+
+
+def mean_of(curve, key, last=20):
+    """Mean of a curve's key over its last records."""
+    values = [r[key] for r in curve[-last:]]
+    return sum(values) / len(values)
 
 
 def pairs_batch(pairs, cfg, vocab, **kw):
@@ -514,10 +562,10 @@ def stage_pretrain(cfg, vocab, tok):
     if restore(pi_init, os.path.join(cfg.out_dir, "pi_init.pt"), stage_cfg, vocab, "pretrain"):
         return pi_init
     batch_at = batch_sampler(tok["pretrain"], cfg, vocab, "pretrain", loss_on_prompt=True)
-    losses = train_and_save(pi_init, "pi_init", lambda m, b: m(b[0], b[1])[1], batch_at,
-                            cfg.pretrain_steps, cfg.pretrain_lr, cfg, vocab, stage_cfg)
+    curve = train_and_save(pi_init, "pi_init", lambda m, b: m(b[0], b[1])[1], batch_at,
+                           cfg.pretrain_steps, cfg.pretrain_lr, cfg, vocab, stage_cfg)
     log(f"[pretrain] pi_init: {num_params(pi_init) / 1e6:.2f}M params, "
-        f"loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        f"loss {curve[0]['loss']:.3f} -> {mean_of(curve, 'loss'):.3f}")
     return pi_init
 
 
@@ -528,9 +576,9 @@ def stage_sft(cfg, vocab, tok, pi_init):
         return pi_sft
     pi_sft.load_state_dict(pi_init.state_dict())
     batch_at = batch_sampler(tok["demos"], cfg, vocab, "sft")
-    losses = train_and_save(pi_sft, "pi_sft", lambda m, b: sft_loss(m, b[0], b[1]), batch_at,
-                            cfg.sft_steps, cfg.sft_lr, cfg, vocab, stage_cfg)
-    log(f"[sft] response NLL {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    curve = train_and_save(pi_sft, "pi_sft", lambda m, b: sft_loss(m, b[0], b[1]), batch_at,
+                           cfg.sft_steps, cfg.sft_lr, cfg, vocab, stage_cfg)
+    log(f"[sft] response NLL {curve[0]['loss']:.3f} -> {mean_of(curve, 'loss'):.3f}")
     return pi_sft
 
 
@@ -628,18 +676,193 @@ def stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft):
     return scorers, rows
 
 
-def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers):
+# ----------------------------------------------------------------------------------------
+# Policy optimisation (METHOD.md sections 1 and 2): every method starts from pi_sft and
+# trains on the demonstration prompts; they differ in the reward and the reference of the
+# one policy-gradient step (afd.rloo_loss), except IRFT, which has no explicit reward.
+
+def policy_copy(model):
+    """A trainable copy of a policy (a fresh GPT with the same weights)."""
+    copy = GPT(model.config).to(next(model.parameters()).device)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def prompt_sampler(cfg, tok, name):
+    """batch_at(step): this rank's indices of demonstration prompts for a policy step."""
+    size = max(1, cfg.pg_prompts // WORLD)
+
+    def batch_at(step):
+        rng = random.Random(f"{cfg.seed}/{name}/{step}/{RANK}")
+        return [rng.randrange(len(tok["demos"])) for _ in range(size)]
+    return batch_at
+
+
+def rloo_loss_of(cfg, vocab, tok, name, ref, reward_of, policy):
+    """loss_of_batch for fit: one RLOO step on the prompts of the batch (see afd.rloo_loss)."""
+    def loss_of_batch(train_policy, picked):
+        step_seed = stable_seed(cfg.seed, name, picked, RANK)
+        gen = torch.Generator(cfg.device).manual_seed(step_seed)
+        return rloo_loss(policy, ref, lambda *b: reward_of(picked, *b), [tok["demos"][i][0] for i in picked],
+                         cfg.pg_group, cfg.beta_kl, cfg.max_new_tokens, vocab.eot_id, gen,
+                         cfg.temperature, train_policy)
+    return loss_of_batch
+
+
+def method_rl_init_sft(cfg, vocab, tok, pi_sft, scorers, stage_cfg):
+    """RL on the fixed init_sft reward model, KL to pi_sft: the paper's RM used for training."""
+    policy, ref, rm = policy_copy(pi_sft), frozen_copy(pi_sft), scorers["init_sft"]
+    loss_of_batch = rloo_loss_of(cfg, vocab, tok, "rl_init_sft", ref, lambda picked, *b: rm(*b), policy)
+    train_and_save(policy, "policy_rl_init_sft", loss_of_batch, prompt_sampler(cfg, tok, "rl_init_sft"),
+                   cfg.pg_steps, cfg.pg_lr, cfg, vocab, stage_cfg)
+    return policy
+
+
+def method_adversarial(cfg, vocab, tok, pi_init, pi_sft, stage_cfg):
+    """AfD reverse KL (mode-seeking): alternate a discriminator step (demonstrations against
+    the policy's fresh samples, afd.discriminator_loss) and a policy step on r = logit(D)."""
+    policy, ref = policy_copy(pi_sft), frozen_copy(pi_sft)
+    disc = RewardModel.from_policy(pi_init).to(cfg.device)
+    disc_opt = configure_optimizer(disc, cfg.disc_lr, cfg.weight_decay)
+    disc_train = DistributedDataParallel(disc) if WORLD > 1 else disc
+    stats = {}
+
+    def reward_of(picked, idx, targets, last):
+        with torch.enable_grad():  # a discriminator step first, then the reward of the samples
+            disc.train()
+            r_demo = disc_train(*pairs_batch([tok["demos"][i] for i in picked], cfg, vocab))
+            r_pi = disc_train(idx, targets, last)
+            loss = discriminator_loss(r_demo, r_pi)
+            disc_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+            disc_opt.step()
+            disc.eval()
+        stats["disc_acc"] = 0.5 * float((r_demo > 0).float().mean() + (r_pi < 0).float().mean())
+        return disc(idx, targets, last)
+
+    rloo = rloo_loss_of(cfg, vocab, tok, "adversarial", ref, reward_of, policy)
+
+    def loss_of_batch(train_policy, picked):
+        loss, step_stats = rloo(train_policy, picked)
+        return loss, {**step_stats, **stats}
+    train_and_save(policy, "policy_adversarial", loss_of_batch, prompt_sampler(cfg, tok, "adversarial"),
+                   cfg.pg_steps, cfg.pg_lr, cfg, vocab, stage_cfg, aux=(disc, disc_opt))
+    return policy
+
+
+def own_samples(policy, cfg, vocab, tok, name):
+    """One sample of the policy on n_round_samples demonstration prompts: (prompt, demo, sample)."""
+    rng = random.Random(f"{cfg.seed}/{name}/prompts")
+    picked = rng.sample(range(len(tok["demos"])), min(cfg.n_round_samples, len(tok["demos"])))
+    prompts = [tok["demos"][i][0] for i in picked]
+    samples = sample(policy, prompts, 1, cfg, vocab, stable_seed(cfg.seed, name), f"sample {name}")
+    return [(p, tok["demos"][i][1], y) for p, i, y in zip(prompts, picked, samples)]
+
+
+def triples_batch(triples, cfg, vocab):
+    """One batch: the demonstrations of the triples, then their samples."""
+    return pairs_batch([(p, d) for p, d, _ in triples] + [(p, y) for p, _, y in triples], cfg, vocab)
+
+
+def triple_sampler(triples, cfg, name):
+    size = max(1, cfg.batch_size // WORLD // 2)
+
+    def batch_at(step):
+        rng = random.Random(f"{cfg.seed}/{name}/{step}/{RANK}")
+        return [triples[rng.randrange(len(triples))] for _ in range(size)]
+    return batch_at
+
+
+def method_irl(cfg, vocab, tok, pi_init, pi_sft, stage_cfg):
+    """Iterated IRL with an explicit reward (arXiv 2503.13538), rounds k = 0..K-1: sample pi_k,
+    aggregate (demonstration, sample) pairs, Bradley-Terry reward steps with the
+    demonstration as winner, then policy steps on that reward with KL to pi_k."""
+    policy, rm, pairs = policy_copy(pi_sft), RewardModel.from_policy(pi_init).to(cfg.device), []
+    steps = max(1, cfg.pg_steps // cfg.irl_rounds)
+    for k in range(cfg.irl_rounds):
+        round_cfg = {**stage_cfg, "round": k}
+        pairs += own_samples(policy, cfg, vocab, tok, f"irl_round{k}")
+
+        def rm_loss(model, triples):
+            r = model(*triples_batch(triples, cfg, vocab))
+            return bradley_terry_loss(r[:len(triples)], r[len(triples):])
+        if not restore(rm, os.path.join(cfg.out_dir, f"irl_rm{k}.pt"), round_cfg, vocab, f"irl rm {k}"):
+            train_and_save(rm, f"irl_rm{k}", rm_loss, triple_sampler(pairs, cfg, f"irl_rm{k}"),
+                           cfg.irl_rm_steps, cfg.rm_lr, cfg, vocab, round_cfg)
+        ref, scorer = frozen_copy(policy), frozen_copy(rm)
+        if not restore(policy, os.path.join(cfg.out_dir, f"policy_irl{k}.pt"), round_cfg, vocab, f"irl policy {k}"):
+            loss_of_batch = rloo_loss_of(cfg, vocab, tok, f"irl{k}", ref, lambda picked, *b: scorer(*b), policy)
+            train_and_save(policy, f"policy_irl{k}", loss_of_batch, prompt_sampler(cfg, tok, f"irl{k}"),
+                           steps, cfg.pg_lr, cfg, vocab, round_cfg)
+    return policy
+
+
+def method_irft(cfg, vocab, tok, pi_sft, stage_cfg):
+    """IRFT (implicit reward; one stage = SPIN): in stage t, sample pi_t on demonstration
+    prompts, then train on afd.irft_loss against the frozen pi_t."""
+    policy = policy_copy(pi_sft)
+    steps = max(1, cfg.pg_steps // cfg.irft_stages)
+    for t in range(cfg.irft_stages):
+        stage_t = {**stage_cfg, "stage": t}
+        if restore(policy, os.path.join(cfg.out_dir, f"policy_irft{t}.pt"), stage_t, vocab, f"irft {t}"):
+            continue
+        triples, ref = own_samples(policy, cfg, vocab, tok, f"irft{t}"), frozen_copy(policy)
+
+        def loss_of_batch(model, picked):
+            idx, targets, _ = triples_batch(picked, cfg, vocab)
+            logp = sequence_logprob(model, idx, targets)
+            with torch.no_grad():
+                logp_ref = sequence_logprob(ref, idx, targets)
+            B = len(picked)
+            return irft_loss(logp[:B], logp_ref[:B], logp[B:], logp_ref[B:], cfg.irft_beta)
+        train_and_save(policy, f"policy_irft{t}", loss_of_batch, triple_sampler(triples, cfg, f"irft{t}"),
+                       steps, cfg.pg_lr, cfg, vocab, stage_t)
+    return policy
+
+
+def stage_policies(cfg, vocab, tok, pi_init, pi_sft, scorers):
+    """Every trained method of --methods: {policy name: policy}."""
+    policies = {}
+    for method in [m for m in methods_of(cfg) if m != "bon"]:
+        name = POLICY_NAMES[method]
+        stage_cfg = {**stage_config(cfg, "policy"), "method": method}
+        path = os.path.join(cfg.out_dir, f"policy_{method}.pt")
+        if method in ("adversarial", "rl_init_sft"):
+            policy = GPT(pi_sft.config).to(cfg.device)
+            if not restore(policy, path, stage_cfg, vocab, method):
+                policy = (method_adversarial(cfg, vocab, tok, pi_init, pi_sft, stage_cfg) if method == "adversarial"
+                          else method_rl_init_sft(cfg, vocab, tok, pi_sft, scorers, stage_cfg))
+        elif method == "irl":
+            policy = method_irl(cfg, vocab, tok, pi_init, pi_sft, stage_cfg)
+        else:
+            policy = method_irft(cfg, vocab, tok, pi_sft, stage_cfg)
+        policies[name] = policy
+        log(f"[{method}] trained {name}")
+    return policies
+
+
+def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained):
     prompts, P, N = tok["eval_prompts"], len(tok["eval_prompts"]), cfg.bon_n
     texts = task.eval_prompts
     responses = {"init": sample(pi_init, prompts, 1, cfg, vocab, cfg.seed + 5, "eval pi_init"),
                  "sft": sample(pi_sft, prompts, 1, cfg, vocab, cfg.seed + 6, "eval pi_sft"),
                  "demonstrations": tok["eval_demos"]}
+    for name, policy in trained.items():  # the same sampling seed as SFT's
+        responses[name] = sample(policy, prompts, 1, cfg, vocab, cfg.seed + 6, f"eval {name}")
     g = {name: golden(texts, r, vocab) for name, r in responses.items()}
     policies = []
     for name in responses:
         m, se = mean_stderr(g[name])
         policies.append({"name": name, "golden_reward": m, "golden_reward_stderr": se,
                          "win_rate_vs_sft": mean_stderr(win_rate_indicator(g[name], g["sft"]))[0]})
+        if name in trained:  # Monte-Carlo KL(pi || pi_sft) on the policy's own samples
+            log_ratio = score(LogRatioReward(trained[name], pi_sft), prompts, responses[name], cfg, vocab)
+            policies[-1]["kl_to_sft"], policies[-1]["kl_to_sft_stderr"] = kl_estimate(log_ratio, 0.0)
+    if "bon" not in methods_of(cfg):
+        log("[evaluate] golden reward " + ", ".join(f"{p['name']} {p['golden_reward']:.3f}" for p in policies))
+        return policies, [], {name: [(texts[i], vocab.decode(responses[name][i])) for i in range(3)]
+                              for name in responses}
     # Best-of-N: N candidates of pi_sft per prompt, every reward model, every n <= N
     candidates = sample(pi_sft, prompts, N, cfg, vocab, cfg.seed + 7, "bon pi_sft")
     flat_prompts = [p for p in prompts for _ in range(N)]
@@ -667,15 +890,20 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers):
 # Results
 
 def markdown_tables(results):
-    lines = ["| policy | golden reward | win rate vs SFT |", "|---|---|---|"]
-    lines += [f"| {p['name']} | {p['golden_reward']:.3f} ± {p['golden_reward_stderr']:.3f} | "
-              f"{p['win_rate_vs_sft']:.3f} |" for p in results["policies"]]
+    lines = ["| policy | golden reward | win rate vs SFT | KL to SFT |", "|---|---|---|---|"]
+    for p in results["policies"]:
+        kl = (f"{p['kl_to_sft']:.2f} ± {p['kl_to_sft_stderr']:.2f}" if "kl_to_sft" in p
+              else "0" if p["name"] == "sft" else "-")
+        lines.append(f"| {p['name']} | {p['golden_reward']:.3f} ± {p['golden_reward_stderr']:.3f} | "
+                     f"{p['win_rate_vs_sft']:.3f} | {kl} |")
     lines += ["", "| reward model | held-out acc. (own data) | demo > SFT | chosen > rejected | "
               "golden order of SFT pairs |", "|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['heldout_accuracy']:.3f} | {r['acc_demo_vs_sft']:.3f} | "
               f"{r['acc_chosen_vs_rejected']:.3f} | {r['acc_golden_sft_pairs']:.3f} |"
               for r in results["reward_models"]]
     ns = sorted({b["n"] for b in results["best_of_n"]})
+    if not ns:
+        return "\n".join(lines)
     lines += ["", "Best-of-n golden reward (± standard error) by reward model:", "",
               "| reward model | " + " | ".join(f"n={n}" for n in ns) + " |",
               "|---|" + "---|" * len(ns)]
@@ -693,10 +921,68 @@ def write_text_atomic(text, path):
     os.replace(path + ".tmp", path)
 
 
+def curve_names(cfg):
+    """The training runs of each trained method, in order (their <name>.curve.jsonl files)."""
+    runs = {"adversarial": ["policy_adversarial"], "rl_init_sft": ["policy_rl_init_sft"],
+            "irl": [f"policy_irl{k}" for k in range(cfg.irl_rounds)],
+            "irft": [f"policy_irft{t}" for t in range(cfg.irft_stages)]}
+    return {m: runs[m] for m in methods_of(cfg) if m in runs}
+
+
+def curves_table(cfg):
+    """Markdown: each policy-training run's loss, reward, KL and discriminator accuracy, the
+    mean of its first and of its last 10 steps."""
+    lines = ["| method | run | steps | loss | reward | KL to reference | discriminator accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for method, names in curve_names(cfg).items():
+        for name in names:
+            with open(os.path.join(cfg.out_dir, f"{name}.curve.jsonl")) as f:
+                curve = [json.loads(line) for line in f]
+            cell = lambda key: (f"{sum(r[key] for r in curve[:10]) / len(curve[:10]):.3f} -> "
+                                f"{mean_of(curve, key, 10):.3f}" if key in curve[0] else "-")
+            lines.append(f"| {method} | {name} | {len(curve)} | {cell('loss')} | {cell('reward')} | "
+                         f"{cell('kl')} | {cell('disc_acc')} |")
+    return "\n".join(lines)
+
+
+def plot_golden_vs_kl(results, path):
+    """Golden reward against KL to pi_sft: a Best-of-n curve per reward model (the KL bound)
+    and a point per trained policy (Monte-Carlo KL). Needs matplotlib (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("[plot] matplotlib is not installed: skipping golden_vs_kl.png (pip install matplotlib)")
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for rm in dict.fromkeys(b["rm"] for b in results["best_of_n"]):
+        rows = [b for b in results["best_of_n"] if b["rm"] == rm]
+        ax.errorbar([b["kl_bound"] for b in rows], [b["golden_reward"] for b in rows],
+                    yerr=[b["golden_reward_stderr"] for b in rows], marker=".", capsize=2, label=f"BoN {rm}")
+    for p in results["policies"]:
+        if "kl_to_sft" in p or p["name"] == "sft":
+            ax.errorbar([p.get("kl_to_sft", 0.0)], [p["golden_reward"]], yerr=[p["golden_reward_stderr"]],
+                        xerr=[p.get("kl_to_sft_stderr", 0.0)], marker="s", linestyle="none", capsize=2, label=p["name"])
+    ax.set_xlabel("KL to pi_sft (nats; BoN: the bound log n - (n-1)/n)")
+    ax.set_ylabel("golden reward")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    return True
+
+
 def write_results(cfg, results, examples):
     write_text_atomic(json.dumps(results, indent=2), os.path.join(cfg.out_dir, "results.json"))
     report = [f"# Results: preset `{cfg.preset}`, seed {cfg.seed}, device {results['device']}, "
-              f"{results['wall_time_s']:.0f} s", "", markdown_tables(results), "", "## Samples", ""]
+              f"{results['wall_time_s']:.0f} s", "", markdown_tables(results), ""]
+    if curve_names(cfg):
+        report += ["## Policy training (first 10 steps -> last 10 steps)", "", curves_table(cfg), ""]
+    if plot_golden_vs_kl(results, os.path.join(cfg.out_dir, "golden_vs_kl.png")):
+        report += ["![golden reward against KL](golden_vs_kl.png)", ""]
+    report += ["## Samples", ""]
     for name, rows in examples.items():
         report += [f"### {name}", ""] + [f"- `{p!r}` -> `{r!r}`" for p, r in rows] + [""]
     write_text_atomic("\n".join(report), os.path.join(cfg.out_dir, "report.md"))
@@ -741,7 +1027,8 @@ def main(argv):
     pi_sft = stage_sft(cfg, vocab, tok, pi_init)
     samples = stage_sample(cfg, vocab, tok, pi_init, pi_sft)
     scorers, rm_rows = stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft)
-    policies, bon_rows, examples = stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers)
+    trained = stage_policies(cfg, vocab, tok, pi_init, pi_sft, scorers)
+    policies, bon_rows, examples = stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained)
     results = {"preset": cfg.preset, "seed": cfg.seed, "device": cfg.device, "task": cfg.task,
                "processes": WORLD, "config": asdict(cfg), "stage_config": stage_config(cfg, "evaluate"),
                "policies": policies,

@@ -7,6 +7,7 @@ import torch
 
 import afd
 import reward
+from data import make_batch
 from model import GPT, GPTConfig
 
 
@@ -124,3 +125,69 @@ def test_logratio_reward_is_the_difference_of_sequence_logprobs():
     assert torch.allclose(scorer(idx, targets), expected)
     same = reward.LogRatioReward(pi_init, pi_init)
     assert torch.allclose(same(idx, targets), torch.zeros(3), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Policy optimisation (issue: RLOO, adversarial, iterated IRL, IRFT)
+
+def test_rloo_advantages_leave_one_out_and_exactly_zero_for_equal_rewards():
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [0.1, 0.1, 0.1]])
+    expected = torch.tensor([[1 - 4.0, 2 - 3.5, 6 - 1.5], [0.0, 0.0, 0.0]])
+    assert torch.allclose(afd.rloo_advantages(rewards), expected)
+    for K in (2, 3, 5, 7):
+        equal = torch.full((4, K), 0.1) * torch.arange(1, 5)[:, None] / 3  # rows of equal, inexact floats
+        assert (afd.rloo_advantages(equal) == 0).all()
+
+
+def test_rloo_step_moves_a_bandit_policy_to_the_best_action():
+    """A one-step bandit: 3 actions with rewards 0, 1, 0.2; the policy is a table of logits."""
+    torch.manual_seed(0)
+    logits = torch.zeros(3, requires_grad=True)
+    reward_of = torch.tensor([0.0, 1.0, 0.2])
+    opt = torch.optim.SGD([logits], lr=0.5)
+    P, K = 16, 4
+    for _ in range(60):
+        actions = torch.multinomial(torch.softmax(logits.detach(), 0), P * K, replacement=True)
+        logp = torch.log_softmax(logits, 0)[actions][:, None]  # (B, 1): a one-token response
+        loss, kl = afd.policy_gradient_loss(logp, logp.detach(), torch.ones_like(logp, dtype=torch.bool),
+                                            reward_of[actions], K, beta_kl=0.1)
+        assert (kl == 0).all()  # the reference is the policy itself here
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.softmax(logits, 0)[1] > 0.9
+
+
+def test_policy_gradient_is_zero_when_all_rewards_are_equal():
+    logits = torch.randn(5, requires_grad=True)
+    actions = torch.tensor([0, 1, 2, 3, 4, 0])
+    logp = torch.log_softmax(logits, 0)[actions][:, None]
+    loss, _ = afd.policy_gradient_loss(logp, logp.detach(), torch.ones_like(logp, dtype=torch.bool),
+                                       torch.full((6,), 0.3), group_size=3, beta_kl=0.5)
+    loss.backward()
+    assert (logits.grad == 0).all()
+
+
+def test_kl_estimate_is_zero_for_the_same_weights_and_positive_otherwise():
+    from model import generate
+    policy = tiny_gpt(seed=1)
+    ref = reward.frozen_copy(policy)
+    tokens, lengths = generate(policy, [[1, 2, 3], [4, 5]], 8, 6, eos_id=0, generator=torch.Generator().manual_seed(0))
+    prompts = [[1, 2, 3]] * 8 + [[4, 5]] * 8
+    idx, targets, _ = make_batch(prompts, [t[:k] for t, k in zip(tokens.tolist(), lengths.tolist())], 0)
+    logp, logp_ref = afd.sequence_logprob(policy, idx, targets), afd.sequence_logprob(ref, idx, targets)
+    assert afd.kl_estimate(logp, logp_ref)[0] == 0.0
+    other = tiny_gpt(seed=2)
+    assert afd.kl_estimate(logp, afd.sequence_logprob(other, idx, targets))[0] > 0
+
+
+def test_irft_loss_matches_the_hand_computed_value_and_is_log2_at_the_reference():
+    logp_demo, logp_ref_demo = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -5.0])
+    logp_sample, logp_ref_sample = torch.tensor([-2.0, -6.0]), torch.tensor([-1.0, -6.5])
+    beta = 0.5
+    # margins: ((-3+4) - (-2+1)) = 2, ((-5+5) - (-6+6.5)) = -0.5
+    expected = -(math.log(1 / (1 + math.exp(-1.0))) + math.log(1 / (1 + math.exp(0.25)))) / 2
+    got = afd.irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, beta)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    same = afd.irft_loss(logp_demo, logp_demo, logp_sample, logp_sample, beta)
+    assert same.item() == pytest.approx(math.log(2), abs=1e-7)

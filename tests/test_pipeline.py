@@ -22,7 +22,14 @@ def test_smoke_pipeline_writes_valid_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert (results["preset"], results["seed"], results["device"], results["task"]) == ("smoke", 0, "cpu", "synthetic")
     names = [p["name"] for p in results["policies"]]
-    assert names == ["init", "sft", "demonstrations"]
+    assert names == ["init", "sft", "demonstrations", "afd_adversarial", "irl_iterated", "irft", "rl_init_sft"]
+    for p in results["policies"][3:]:  # the trained policies: a Monte-Carlo KL to pi_sft
+        assert math.isfinite(p["kl_to_sft"]) and p["kl_to_sft_stderr"] >= 0
+    for name in ["policy_adversarial", "policy_irl0", "policy_irl1", "policy_irft0", "policy_irft1", "policy_rl_init_sft"]:
+        curve = [json.loads(line) for line in (out / f"{name}.curve.jsonl").read_text().splitlines()]
+        assert curve and all(math.isfinite(r["loss"]) for r in curve)
+        assert ("disc_acc" in curve[0]) == (name == "policy_adversarial")
+        assert ("reward" in curve[0]) == ("irft" not in name)
     for p in results["policies"]:
         assert math.isfinite(p["golden_reward"]) and p["golden_reward_stderr"] >= 0
         assert 0 <= p["win_rate_vs_sft"] <= 1
@@ -38,7 +45,18 @@ def test_smoke_pipeline_writes_valid_results(tmp_path):
         ckpt = torch.load(out / f"{name}.pt", weights_only=True)
         assert {"model", "model_config", "vocab"} <= set(ckpt)
     report = (out / "report.md").read_text()
-    assert "| policy |" in report and "## Samples" in report
+    assert "| policy |" in report and "## Samples" in report and "## Policy training" in report
+
+
+def test_methods_option_picks_the_methods(tmp_path):
+    out = tmp_path / "out"
+    proc = run("--preset=smoke", f"--out_dir={out}", "--device=cpu", "--methods=irft")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [p["name"] for p in results["policies"]] == ["init", "sft", "demonstrations", "irft"]
+    assert results["best_of_n"] == []
+    proc = run("--preset=smoke", f"--out_dir={out}", "--methods=bon,ppo")
+    assert proc.returncode == 2 and "--methods: unknown ppo" in proc.stderr
 
 
 def names_of(results):

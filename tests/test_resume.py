@@ -77,7 +77,7 @@ def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(finished, tmp_pa
         assert f"[{stage}] up to date: {out / path}" in changed.stdout
     assert "rm_init_sft.pt was made with another config: redoing it" in changed.stdout
     assert comparable(out)["config"]["rm_lr"] == 1e-3
-    assert comparable(out)["policies"] == comparable(finished)["policies"]  # same pi_init, pi_sft
+    assert comparable(out)["policies"][:3] == comparable(finished)["policies"][:3]  # same pi_init, pi_sft
     assert comparable(out)["reward_models"] != comparable(finished)["reward_models"]
 
 
@@ -176,7 +176,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "toy: the loss became nan at step 5" in err and "toy.resume.pt" in err
     kept = torch.load(tmp_path / "toy.resume.pt", weights_only=True)
-    assert kept["step"] == 4 and all(map(lambda x: x == x, kept["losses"]))
+    assert kept["step"] == 4 and [r["step"] for r in kept["curve"]] == [0, 1, 2, 3]
 
 
 def test_torchrun_two_processes_agree_with_one(finished, tmp_path):
