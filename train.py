@@ -12,9 +12,12 @@ Stages (each prints a one-line summary; long ones show a tqdm bar):
  3. sft       pi_sft: forward KL to the demonstrator = SFT on the demonstrations
  4. sample    pi_init and pi_sft on the reward-model prompts (negatives and positives)
  5. rm        the reward models of reward.py, and their held-out accuracies
- 6. evaluate  golden reward and win rate vs SFT of every policy; Best-of-n of pi_sft with
-              every reward model for every n <= N (one draw of N), with the KL bound
-Outputs in --out_dir: pi_init.pt, pi_sft.pt, samples.pt, rm_<name>.pt, results.json, report.md.
+ 6. policy    the trained methods of --methods, each from pi_sft: afd_adversarial,
+              irl_iterated, irft, rl_init_sft (one RLOO step, afd.rloo_loss, for all but IRFT)
+ 7. evaluate  golden reward, win rate vs SFT (and KL to pi_sft) of every policy; Best-of-n of
+              pi_sft with every reward model for every n <= N (one draw of N), with the KL bound
+Outputs in --out_dir: pi_init.pt, pi_sft.pt, samples.pt, rm_<name>.pt, policy_*.pt and their
+*.curve.jsonl, results.json, report.md (and golden_vs_kl.png with matplotlib).
 
 Re-running with the same --out_dir resumes: a stage whose saved result was made with the
 same config (the fields in STAGE_FIELDS, of it and of every stage before it) is loaded, not
