@@ -336,6 +336,13 @@ def load_weights(model, state, path, vocab):
     model.load_state_dict(state["model"])
 
 
+def policy_copy(model):
+    """A trainable copy of a policy (a fresh GPT with the same weights)."""
+    copy = GPT(model.config).to(next(model.parameters()).device)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
 def restore(model, path, stage_cfg, vocab, what):
     """Load model from path if that result is up to date; returns whether it was."""
     state = saved_result(path, stage_cfg, what)
@@ -574,10 +581,9 @@ def stage_pretrain(cfg, vocab, tok):
 
 def stage_sft(cfg, vocab, tok, pi_init):
     stage_cfg = stage_config(cfg, "sft")
-    pi_sft = GPT(pi_init.config).to(cfg.device)
+    pi_sft = policy_copy(pi_init)
     if restore(pi_sft, os.path.join(cfg.out_dir, "pi_sft.pt"), stage_cfg, vocab, "sft"):
         return pi_sft
-    pi_sft.load_state_dict(pi_init.state_dict())
     batch_at = batch_sampler(tok["demos"], cfg, vocab, "sft")
     curve = train_and_save(pi_sft, "pi_sft", lambda m, b: sft_loss(m, b[0], b[1]), batch_at,
                            cfg.sft_steps, cfg.sft_lr, cfg, vocab, stage_cfg)
@@ -683,13 +689,6 @@ def stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft):
 # Policy optimisation (METHOD.md sections 1 and 2): every method starts from pi_sft and
 # trains on the demonstration prompts; they differ in the reward and the reference of the
 # one policy-gradient step (afd.rloo_loss), except IRFT, which has no explicit reward.
-
-def policy_copy(model):
-    """A trainable copy of a policy (a fresh GPT with the same weights)."""
-    copy = GPT(model.config).to(next(model.parameters()).device)
-    copy.load_state_dict(model.state_dict())
-    return copy
-
 
 def prompt_sampler(cfg, tok, name):
     """batch_at(step): this rank's indices of demonstration prompts for a policy step."""
@@ -832,7 +831,7 @@ def stage_policies(cfg, vocab, tok, pi_init, pi_sft, scorers):
         stage_cfg = {**stage_config(cfg, "policy"), "method": method}
         path = os.path.join(cfg.out_dir, f"policy_{method}.pt")
         if method in ("adversarial", "rl_init_sft"):
-            policy = GPT(pi_sft.config).to(cfg.device)
+            policy = policy_copy(pi_sft)
             if not restore(policy, path, stage_cfg, vocab, method):
                 policy = (method_adversarial(cfg, vocab, tok, pi_init, pi_sft, stage_cfg) if method == "adversarial"
                           else method_rl_init_sft(cfg, vocab, tok, pi_sft, scorers, stage_cfg))
