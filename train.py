@@ -461,6 +461,15 @@ def batch_sampler(rows, cfg, vocab, name, **kw):
     return lambda step: pairs_batch(group(step // 8)[step % 8], cfg, vocab, **kw)
 
 
+def row_sampler(sources, size, cfg, name):
+    """batch_at(step): this rank's rows at a step, `size` drawn at random (with replacement)
+    from each list of `sources` in turn; a function of (seed, name, step, rank)."""
+    def batch_at(step):
+        rng = random.Random(f"{cfg.seed}/{name}/{step}/{RANK}")
+        return [rows[rng.randrange(len(rows))] for rows in sources for _ in range(size)]
+    return batch_at
+
+
 # ----------------------------------------------------------------------------------------
 # Sampling and scoring (rows split across ranks, gathered in order)
 
@@ -624,10 +633,7 @@ def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
         def loss_of_batch(model, picked):
             r = model(*pairs_batch([(p, c) for p, c, _ in picked] + [(p, r) for p, _, r in picked], cfg, vocab))
             return bradley_terry_loss(r[:len(picked)], r[len(picked):])
-
-        def batch_at(step):
-            rng = random.Random(f"{cfg.seed}/rm_{name}/{step}/{RANK}")
-            return [pairs[rng.randrange(len(pairs))] for _ in range(half)]
+        batch_at = row_sampler([pairs], half, cfg, f"rm_{name}")
     else:
         neg_src, pos_src = POINTWISE[name]
         source = {"init": list(zip(samples["rm_prompts"], samples["init"])),
@@ -638,11 +644,7 @@ def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
         def loss_of_batch(model, picked):
             r = model(*pairs_batch(picked, cfg, vocab))
             return discriminator_loss(r[:half], r[half:])
-
-        def batch_at(step):
-            rng = random.Random(f"{cfg.seed}/rm_{name}/{step}/{RANK}")
-            return ([pos[rng.randrange(len(pos))] for _ in range(half)] +
-                    [neg[rng.randrange(len(neg))] for _ in range(half)])
+        batch_at = row_sampler([pos, neg], half, cfg, f"rm_{name}")
     train_and_save(rm, f"rm_{name}", loss_of_batch, batch_at, cfg.rm_steps, cfg.rm_lr, cfg, vocab, stage_cfg)
     return rm
 
@@ -692,12 +694,7 @@ def stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft):
 
 def prompt_sampler(cfg, tok, name):
     """batch_at(step): this rank's indices of demonstration prompts for a policy step."""
-    size = max(1, cfg.pg_prompts // WORLD)
-
-    def batch_at(step):
-        rng = random.Random(f"{cfg.seed}/{name}/{step}/{RANK}")
-        return [rng.randrange(len(tok["demos"])) for _ in range(size)]
-    return batch_at
+    return row_sampler([range(len(tok["demos"]))], max(1, cfg.pg_prompts // WORLD), cfg, name)
 
 
 def rloo_loss_of(cfg, vocab, tok, name, ref, reward_of, policy):
@@ -768,12 +765,8 @@ def triples_batch(triples, cfg, vocab):
 
 
 def triple_sampler(triples, cfg, name):
-    size = max(1, cfg.batch_size // WORLD // 2)
-
-    def batch_at(step):
-        rng = random.Random(f"{cfg.seed}/{name}/{step}/{RANK}")
-        return [triples[rng.randrange(len(triples))] for _ in range(size)]
-    return batch_at
+    """batch_at(step): (prompt, demonstration, sample) triples, half a batch of them."""
+    return row_sampler([triples], max(1, cfg.batch_size // WORLD // 2), cfg, name)
 
 
 def method_irl(cfg, vocab, tok, pi_init, pi_sft, stage_cfg):
