@@ -296,9 +296,15 @@ def stage_config(cfg, stage):
     for s in names[:names.index(stage) + 1]:
         out.update({k: getattr(cfg, k) for k in STAGE_FIELDS[s]})
     if cfg.demos:
-        with open(cfg.demos, "rb") as f:
-            out["demos_crc32"] = zlib.crc32(f.read())
+        out["demos_crc32"] = file_crc32(cfg.demos)
     return out
+
+
+@lru_cache(maxsize=None)
+def file_crc32(path):
+    """A file's CRC-32, read once per run (it stamps every stage made from the file)."""
+    with open(path, "rb") as f:
+        return zlib.crc32(f.read())
 
 
 def saved_result(path, stage_cfg, what):
