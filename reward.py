@@ -11,22 +11,30 @@ token. Its training data decides what it is:
 | sft_demo  | y ~ pi_sft(.|x)      | demonstrations y^E   | afd.discriminator_loss        |
 | pref      | rejected response    | chosen response      | bradley_terry_loss            |
 | logratio  | -                    | -                    | none: log pi_sft - log pi_init |
+| ava_d     | -                    | demonstrations y^E   | ava_d_loss (METHOD.md sec. 3) |
+| ava_p     | rejected response    | chosen response      | ava_p_loss (METHOD.md sec. 3) |
+
+AVA (`AVARewardModel`, arXiv 2411.09341 after AVRIL) is Bayesian IRL: on the same trunk it
+has a token-level reward head, a Gaussian N(mu_t, sigma_t^2) per response position, and a Q
+head over the vocabulary; its sequence reward is sum_t mu_t.
 
 Every reward model is used through one interface: `scorer(idx, targets, last) -> (B,)`,
 on batches made by data.make_batch. The training loops are in train.py.
 """
 import copy
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from afd import sequence_logprob
+from afd import masked_mean, sequence_logprob
 from model import GPT
 
 POINTWISE = {"init_sft": ("init", "sft"), "init_demo": ("init", "demo"),
              "sft_demo": ("sft", "demo")}  # name -> (negatives, positives)
-RM_NAMES = ["init_sft", "init_demo", "sft_demo", "pref", "logratio"]
+RM_NAMES = ["init_sft", "init_demo", "sft_demo", "pref", "logratio", "ava_d", "ava_p"]
+AVA = ("ava_d", "ava_p")
 
 
 class RewardModel(nn.Module):
@@ -71,6 +79,116 @@ class LogRatioReward(nn.Module):
 
     def forward(self, idx, targets, last=None):
         return sequence_logprob(self.pi_sft, idx, targets) - sequence_logprob(self.pi_init, idx, targets)
+
+
+class AVARewardModel(nn.Module):
+    """AVA's reward model (METHOD.md section 3): a GPT trunk with two heads, both read from
+    the hidden state h_t of state s_t = (x, y_<=t) and indexed by the response token y_{t+1}.
+
+    - reward head: (mu_t, log sigma_t) of q(R_t) = N(mu_t, sigma_t^2), the posterior over the
+      reward of taking y_{t+1} in s_t. It outputs a (mean, log-std) pair for every token of the
+      vocabulary and keeps the taken token's, as AVRIL's state-action reward does.
+      Zero-initialised, so every q(R_t) starts at the prior N(0, 1).
+    - Q head: Q(s_t, .) over the vocabulary, an untied copy of the LM head (so at the start
+      softmax(Q) is the policy the trunk came from).
+    Positions follow data.make_batch: targets[b, t] = y_{t+1} on response tokens, -100 elsewhere.
+    (A single (mu, log sigma) read from the hidden state after y_{t+1}, which we tried first,
+    fits the demonstrations too but gives every sequence about the same reward: on the toy of
+    tests/test_reward.py it put demonstrations above random sequences for 18-60% of prompts
+    after 200-300 steps, this head for 100%.)
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.trunk = GPT(config)
+        self.reward_head = nn.Linear(config.n_embd, 2 * config.vocab_size)  # (mu, log sigma) per token
+        self.q_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        nn.init.zeros_(self.reward_head.weight)
+        nn.init.zeros_(self.reward_head.bias)
+
+    @classmethod
+    def from_policy(cls, policy):
+        """Trunk and Q head start from a policy (the Q head from its LM head)."""
+        model = cls(policy.config)
+        model.trunk.load_state_dict(policy.state_dict())
+        with torch.no_grad():
+            model.q_head.weight.copy_(policy.lm_head.weight)
+        return model
+
+    def heads(self, idx, targets):
+        """Per response position t (mask = targets != -100), each (B, T) float32:
+        mu_t, log sigma_t, Q(s_t, y_{t+1}), log softmax(Q(s_t, .))[y_{t+1}]; 0 off the mask."""
+        h = self.trunk.hidden(idx)                                   # (B, T, C)
+        mask = targets != -100
+        y = targets.clamp(min=0)                                     # (B, T) the taken tokens
+        q = self.q_head(h).float()                                   # (B, T, V)
+        q_taken = q.gather(-1, y.unsqueeze(-1)).squeeze(-1)          # (B, T)
+        logp_taken = q_taken - torch.logsumexp(q, dim=-1)            # (B, T)
+        w = self.reward_head.weight.view(2, -1, h.shape[-1])         # (2, V, C): mean, log-std rows
+        b = self.reward_head.bias.view(2, -1)                        # (2, V)
+        mu = ((h * w[0][y]).sum(-1) + b[0][y]).float()               # (B, T), only the taken tokens' rows
+        log_sigma = ((h * w[1][y]).sum(-1) + b[1][y]).float()        # (B, T)
+        return [v.masked_fill(~mask, 0.0) for v in (mu, log_sigma, q_taken, logp_taken)]
+
+    def token_rewards(self, idx, targets):
+        """(mu, sigma), each (B, T): the per-token reward posterior (0 and 1 off the mask)."""
+        mu, log_sigma, _, _ = self.heads(idx, targets)
+        return mu, log_sigma.exp()
+
+    def forward(self, idx, targets, last=None):
+        """The sequence reward sum_t mu_t: (B,)."""
+        return self.heads(idx, targets)[0].sum(dim=1)
+
+
+def gaussian_kl_to_prior(mu, log_sigma):
+    """KL(N(mu, sigma^2) || N(0, 1)) = (mu^2 + sigma^2 - 1) / 2 - log sigma, elementwise."""
+    return 0.5 * (mu ** 2 + torch.exp(2 * log_sigma) - 1) - log_sigma
+
+
+def gaussian_logpdf(x, mu, log_sigma):
+    """log N(x; mu, sigma^2) = -log(2 pi) / 2 - log sigma - (x - mu)^2 / (2 sigma^2), elementwise."""
+    return -0.5 * math.log(2 * math.pi) - log_sigma - 0.5 * ((x - mu) * torch.exp(-log_sigma)) ** 2
+
+
+def td_differences(q_taken, mask, gamma):
+    """Q(s_t, y_{t+1}) - gamma * Q(s_{t+1}, y_{t+2}), with Q = 0 after the last response token
+    (the episode ends there). q_taken, mask: (B, T) -> (B, T)."""
+    q_next = F.pad(q_taken[:, 1:] * mask[:, 1:], (0, 1))            # (B, T)
+    return q_taken - gamma * q_next
+
+
+def ava_token_objective(model, idx, targets, lam, gamma):
+    """AVA's per-token ELBO (METHOD.md section 3), to be maximised, and the sequence reward:
+
+    log softmax(Q(s_t, .))[y_{t+1}] - KL(N(mu_t, sigma_t^2) || N(0,1))
+        + lam * log N(Q(s_t, y_{t+1}) - gamma Q(s_{t+1}, y_{t+2}); mu_t, sigma_t^2)
+    (policy likelihood, prior, Bellman consistency). Returns (objective (B, T), 0 off the
+    mask; mask (B, T); sum_t mu_t (B,)).
+    """
+    mu, log_sigma, q_taken, logp_taken = model.heads(idx, targets)
+    mask = targets != -100
+    td = td_differences(q_taken, mask, gamma)
+    objective = (logp_taken - gaussian_kl_to_prior(mu, log_sigma)
+                 + lam * gaussian_logpdf(td, mu, log_sigma)).masked_fill(~mask, 0.0)
+    return objective, mask, mu.sum(dim=1)
+
+
+def ava_d_loss(model, idx, targets, lam, gamma):
+    """AVA-d (demonstrations only): minus the per-token ELBO, a mean over demonstration tokens."""
+    objective, mask, _ = ava_token_objective(model, idx, targets, lam, gamma)
+    return -masked_mean(objective, mask)
+
+
+def ava_p_loss(model, idx, targets, lam, gamma):
+    """AVA-p (preference pairs; rows: the B chosen responses, then their B rejected ones):
+
+    L = -mean_{chosen tokens} ELBO_t - E log sigma(sum_t mu_t(y+) - sum_t mu_t(y-)).
+    The per-token ELBO is taken on the chosen responses, the demonstrations of this view; the
+    rejected ones enter only through the contrast.
+    """
+    objective, mask, reward = ava_token_objective(model, idx, targets, lam, gamma)
+    B = idx.shape[0] // 2
+    return -masked_mean(objective[:B], mask[:B]) + bradley_terry_loss(reward[:B], reward[B:])
 
 
 def frozen_copy(model):
