@@ -11,11 +11,14 @@ Stages (each prints a one-line summary; long ones show a tqdm bar):
  2. pretrain  pi_init: language modelling on mixed-quality dialogues (the unaligned base)
  3. sft       pi_sft: forward KL to the demonstrator = SFT on the demonstrations
  4. sample    pi_init and pi_sft on the reward-model prompts (negatives and positives)
- 5. rm        the reward models of reward.py, and their held-out accuracies
+ 5. rm        the reward models of reward.py (AfD's, pref, logratio, AVA-d and AVA-p), and
+              their held-out accuracies
  6. policy    the trained methods of --methods, each from pi_sft: afd_adversarial,
-              irl_iterated, irft, rl_init_sft (one RLOO step, afd.rloo_loss, for all but IRFT)
+              irl_iterated, irft, rl_init_sft, rl_ava_d (one RLOO step, afd.rloo_loss, for
+              all but IRFT)
  7. evaluate  golden reward, win rate vs SFT (and KL to pi_sft) of every policy; Best-of-n of
-              pi_sft with every reward model for every n <= N (one draw of N), with the KL bound
+              pi_sft with every reward model for every n <= N (one draw of N), with the KL bound;
+              AVA-d's per-token rewards (mean, std) on two evaluation responses
 Outputs in --out_dir: pi_init.pt, pi_sft.pt, samples.pt, rm_<name>.pt, policy_*.pt and their
 *.curve.jsonl, results.json, report.md (and golden_vs_kl.png with matplotlib).
 
@@ -45,8 +48,8 @@ import data
 from afd import (best_of_n, best_of_n_estimate, discriminator_loss, irft_loss, kl_bound, kl_estimate,
                  mean_stderr, rloo_loss, sequence_logprob, sft_loss, win_rate_indicator)
 from model import GPT, GPTConfig, configure_optimizer, generate, num_params
-from reward import (POINTWISE, RM_NAMES, LogRatioReward, RewardModel, bradley_terry_loss, frozen_copy,
-                    pairwise_accuracy)
+from reward import (AVA, POINTWISE, RM_NAMES, AVARewardModel, LogRatioReward, RewardModel, ava_d_loss,
+                    ava_p_loss, bradley_terry_loss, frozen_copy, pairwise_accuracy)
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Config:
     sft_lr: float = 5e-4
     rm_steps: int = 100
     rm_lr: float = 3e-4
+    ava_lambda: float = 1.0       # AVA: weight of the Bellman-consistency term (AVRIL: 1)
+    ava_gamma: float = 1.0        # AVA: discount in the TD difference (AVRIL's code: 1, no discount)
     ckpt_every: int = 100         # training steps between resumable checkpoints
     # sampling and Best-of-N
     temperature: float = 1.0
@@ -92,7 +97,7 @@ class Config:
     sample_rows: int = 1024       # rows decoded at once
     bf16: bool = True             # bf16 autocast (CUDA only)
     # policy optimisation (METHOD.md sections 1-2); `bon` is the Best-of-N evaluation
-    methods: str = "bon,adversarial,irl,irft,rl_init_sft"
+    methods: str = "bon,adversarial,irl,irft,rl_init_sft,rl_ava_d"
     pg_steps: int = 60            # optimiser steps of each trained method (irl, irft: over all rounds)
     pg_lr: float = 2e-4
     pg_prompts: int = 8           # prompts per policy-gradient step
@@ -129,14 +134,15 @@ STAGE_FIELDS = {
                  "weight_decay", "grad_clip", "warmup_steps", "pretrain_steps", "pretrain_lr", "bf16"],
     "sft": ["sft_steps", "sft_lr"],
     "sample": ["temperature", "top_k", "max_new_tokens", "n_rm_samples", "sample_rows"],
-    "rm": ["rm_steps", "rm_lr"],
+    "rm": ["rm_steps", "rm_lr", "ava_lambda", "ava_gamma"],
     "policy": ["pg_steps", "pg_lr", "pg_prompts", "pg_group", "beta_kl", "disc_lr", "irl_rounds",
                "irl_rm_steps", "irft_stages", "irft_beta", "n_round_samples"],
     "evaluate": ["bon_n", "methods"],
 }
-METHODS = ["bon", "adversarial", "irl", "irft", "rl_init_sft"]
+METHODS = ["bon", "adversarial", "irl", "irft", "rl_init_sft", "rl_ava_d"]
 POLICY_NAMES = {"adversarial": "afd_adversarial", "irl": "irl_iterated", "irft": "irft",
-                "rl_init_sft": "rl_init_sft"}
+                "rl_init_sft": "rl_init_sft", "rl_ava_d": "rl_ava_d"}
+RL_ON_FIXED_RM = {"rl_init_sft": "init_sft", "rl_ava_d": "ava_d"}  # method -> its reward model
 
 
 def die(msg):
@@ -629,11 +635,19 @@ def stage_sample(cfg, vocab, tok, pi_init, pi_sft):
 def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
     """One reward model of reward.RM_NAMES trained on its data (see the table in reward.py)."""
     stage_cfg = {**stage_config(cfg, "rm"), "reward_model": name}
-    rm = RewardModel.from_policy(pi_init).to(cfg.device)
+    rm = (AVARewardModel if name in AVA else RewardModel).from_policy(pi_init).to(cfg.device)
     if restore(rm, os.path.join(cfg.out_dir, f"rm_{name}.pt"), stage_cfg, vocab, f"rm {name}"):
         return rm
     half = cfg.batch_size // WORLD // 2
-    if name == "pref":
+    if name == "ava_d":
+        loss_of_batch = lambda model, b: ava_d_loss(model, b[0], b[1], cfg.ava_lambda, cfg.ava_gamma)
+        batch_at = batch_sampler(tok["demos"], cfg, vocab, f"rm_{name}")
+    elif name == "ava_p":
+        def loss_of_batch(model, picked):
+            idx, targets, _ = pairs_batch([(p, c) for p, c, _ in picked] + [(p, r) for p, _, r in picked], cfg, vocab)
+            return ava_p_loss(model, idx, targets, cfg.ava_lambda, cfg.ava_gamma)
+        batch_at = row_sampler([tok["pref"]], half, cfg, f"rm_{name}")
+    elif name == "pref":
         pairs = tok["pref"]
 
         def loss_of_batch(model, picked):
@@ -657,7 +671,8 @@ def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
 
 # each reward model's own kind of held-out pair: (should score higher, should score lower)
 OWN_PAIRS = {"init_sft": ("sft_a", "init"), "init_demo": ("demo", "init"), "sft_demo": ("demo", "sft_a"),
-             "pref": ("chosen", "rejected"), "logratio": ("sft_a", "init")}
+             "pref": ("chosen", "rejected"), "logratio": ("sft_a", "init"),
+             "ava_d": ("demo", "init"), "ava_p": ("chosen", "rejected")}
 
 
 def stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft):
@@ -714,11 +729,12 @@ def rloo_loss_of(cfg, vocab, tok, name, ref, reward_of, policy):
     return loss_of_batch
 
 
-def method_rl_init_sft(cfg, vocab, tok, pi_sft, scorers, stage_cfg):
-    """RL on the fixed init_sft reward model, KL to pi_sft: the paper's RM used for training."""
-    policy, ref, rm = policy_copy(pi_sft), frozen_copy(pi_sft), scorers["init_sft"]
-    loss_of_batch = rloo_loss_of(cfg, vocab, tok, "rl_init_sft", ref, lambda picked, *b: rm(*b), policy)
-    train_and_save(policy, "policy_rl_init_sft", loss_of_batch, prompt_sampler(cfg, tok, "rl_init_sft"),
+def method_rl_fixed(method, cfg, vocab, tok, pi_sft, scorers, stage_cfg):
+    """RL on a fixed, already trained reward model (RL_ON_FIXED_RM: init_sft, the paper's RM
+    used for training rather than reranking, or AVA-d's sum_t mu_t), KL to pi_sft."""
+    policy, ref, rm = policy_copy(pi_sft), frozen_copy(pi_sft), scorers[RL_ON_FIXED_RM[method]]
+    loss_of_batch = rloo_loss_of(cfg, vocab, tok, method, ref, lambda picked, *b: rm(*b), policy)
+    train_and_save(policy, f"policy_{method}", loss_of_batch, prompt_sampler(cfg, tok, method),
                    cfg.pg_steps, cfg.pg_lr, cfg, vocab, stage_cfg)
     return policy
 
@@ -829,11 +845,11 @@ def stage_policies(cfg, vocab, tok, pi_init, pi_sft, scorers):
         name = POLICY_NAMES[method]
         stage_cfg = {**stage_config(cfg, "policy"), "method": method}
         path = os.path.join(cfg.out_dir, f"policy_{method}.pt")
-        if method in ("adversarial", "rl_init_sft"):
+        if method == "adversarial" or method in RL_ON_FIXED_RM:
             policy = policy_copy(pi_sft)
             if not restore(policy, path, stage_cfg, vocab, method):
                 policy = (method_adversarial(cfg, vocab, tok, pi_init, pi_sft, stage_cfg) if method == "adversarial"
-                          else method_rl_init_sft(cfg, vocab, tok, pi_sft, scorers, stage_cfg))
+                          else method_rl_fixed(method, cfg, vocab, tok, pi_sft, scorers, stage_cfg))
         elif method == "irl":
             policy = method_irl(cfg, vocab, tok, pi_init, pi_sft, stage_cfg)
         else:
@@ -860,10 +876,11 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained):
         if name in trained:  # Monte-Carlo KL(pi || pi_sft) on the policy's own samples
             log_ratio = score(LogRatioReward(trained[name], pi_sft), prompts, responses[name], cfg, vocab)
             policies[-1]["kl_to_sft"], policies[-1]["kl_to_sft_stderr"] = kl_estimate(log_ratio, 0.0)
+    tokens = token_rewards(scorers["ava_d"], prompts, texts, responses["sft"], g["sft"], cfg, vocab)
     if "bon" not in methods_of(cfg):
         log("[evaluate] golden reward " + ", ".join(f"{p['name']} {p['golden_reward']:.3f}" for p in policies))
         return policies, [], {name: [(texts[i], vocab.decode(responses[name][i])) for i in range(3)]
-                              for name in responses}
+                              for name in responses}, tokens
     # Best-of-N: N candidates of pi_sft per prompt, every reward model, every n <= N
     candidates = sample(pi_sft, prompts, N, cfg, vocab, cfg.seed + 7, "bon pi_sft")
     flat_prompts = [p for p in prompts for _ in range(N)]
@@ -884,7 +901,25 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained):
     examples = {name: [(texts[i], vocab.decode(responses[name][i])) for i in range(3)] for name in responses}
     examples[f"best-of-{N} init_sft"] = [(texts[i], vocab.decode(candidates[i * N + int(best_init_sft[i])]))
                                          for i in range(3)]
-    return policies, bon_rows, examples
+    return policies, bon_rows, examples, tokens
+
+
+@torch.no_grad()
+def token_rewards(ava, prompts, texts, responses, golden_rewards, cfg, vocab):
+    """AVA's intermediate rewards on two evaluation responses, the first the golden reward
+    counts as solved (>= 2) and the first it does not: per response token, (text, mu, sigma)."""
+    solved = [i for i, g in enumerate(golden_rewards.tolist()) if g >= 2]
+    unsolved = [i for i, g in enumerate(golden_rewards.tolist()) if g < 2]
+    rows = []
+    for i in (solved[:1] + unsolved[:1]) or [0]:
+        idx, targets, _ = data.make_batch([prompts[i]], [responses[i]], vocab.eot_id, cfg.device)
+        mu, sigma = ava.token_rewards(idx, targets)                  # (1, T) each
+        at = (targets[0] != -100).nonzero().squeeze(1)
+        rows.append({"prompt": texts[i], "response": vocab.decode(responses[i]),
+                     "golden_reward": float(golden_rewards[i]), "sequence_reward": float(mu.sum()),
+                     "tokens": [(vocab.decode([int(targets[0, t])]), float(mu[0, t]), float(sigma[0, t]))
+                                for t in at]})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -925,6 +960,7 @@ def write_text_atomic(text, path):
 def curve_names(cfg):
     """The training runs of each trained method, in order (their <name>.curve.jsonl files)."""
     runs = {"adversarial": ["policy_adversarial"], "rl_init_sft": ["policy_rl_init_sft"],
+            "rl_ava_d": ["policy_rl_ava_d"],
             "irl": [f"policy_irl{k}" for k in range(cfg.irl_rounds)],
             "irft": [f"policy_irft{t}" for t in range(cfg.irft_stages)]}
     return {m: runs[m] for m in methods_of(cfg) if m in runs}
@@ -961,11 +997,13 @@ def plot_golden_vs_kl(results, path):
         rows = [b for b in results["best_of_n"] if b["rm"] == rm]
         ax.errorbar([b["kl_bound"] for b in rows], [b["golden_reward"] for b in rows],
                     yerr=[b["golden_reward_stderr"] for b in rows], marker=".", capsize=2, label=f"BoN {rm}")
-    for p in results["policies"]:
-        if "kl_to_sft" in p or p["name"] == "sft":
-            ax.errorbar([p.get("kl_to_sft", 0.0)], [p["golden_reward"]], yerr=[p["golden_reward_stderr"]],
-                        xerr=[p.get("kl_to_sft_stderr", 0.0)], marker="s", linestyle="none", capsize=2, label=p["name"])
-    ax.set_xlabel("KL to pi_sft (nats; BoN: the bound log n - (n-1)/n)")
+    points = [p for p in results["policies"] if "kl_to_sft" in p or p["name"] == "sft"]
+    for p, marker in zip(points, "s^vD<>ph*"):  # black markers: policies; colours: BoN curves
+        ax.errorbar([p.get("kl_to_sft", 0.0)], [p["golden_reward"]], yerr=[p["golden_reward_stderr"]],
+                    xerr=[p.get("kl_to_sft_stderr", 0.0)], marker=marker, color="k", linestyle="none",
+                    capsize=2, label=p["name"])
+    ax.set_xscale("symlog", linthresh=0.1)  # a hacked reward can drive the KL far past BoN's
+    ax.set_xlabel("KL to pi_sft (nats, symlog axis; BoN: the bound log n - (n-1)/n)")
     ax.set_ylabel("golden reward")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -983,6 +1021,11 @@ def write_results(cfg, results, examples):
         report += ["## Policy training (first 10 steps -> last 10 steps)", "", curves_table(cfg), ""]
     if plot_golden_vs_kl(results, os.path.join(cfg.out_dir, "golden_vs_kl.png")):
         report += ["![golden reward against KL](golden_vs_kl.png)", ""]
+    report += ["## AVA-d per-token rewards (posterior mean and std of each response token's reward)", ""]
+    for row in results["ava_token_rewards"]:
+        report += [f"`{row['prompt']!r}` -> golden reward {row['golden_reward']:+.1f}, "
+                   f"sum of means {row['sequence_reward']:+.2f}", "", "| token | mean | std |", "|---|---|---|"]
+        report += [f"| `{text!r}` | {mu:+.2f} | {sigma:.2f} |" for text, mu, sigma in row["tokens"]] + [""]
     report += ["## Samples", ""]
     for name, rows in examples.items():
         report += [f"### {name}", ""] + [f"- `{p!r}` -> `{r!r}`" for p, r in rows] + [""]
@@ -1029,11 +1072,12 @@ def main(argv):
     samples = stage_sample(cfg, vocab, tok, pi_init, pi_sft)
     scorers, rm_rows = stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft)
     trained = stage_policies(cfg, vocab, tok, pi_init, pi_sft, scorers)
-    policies, bon_rows, examples = stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained)
+    policies, bon_rows, examples, tokens = stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained)
     results = {"preset": cfg.preset, "seed": cfg.seed, "device": cfg.device, "task": cfg.task,
                "processes": WORLD, "config": asdict(cfg), "stage_config": stage_config(cfg, "evaluate"),
                "policies": policies,
-               "reward_models": rm_rows, "best_of_n": bon_rows, "wall_time_s": time.time() - t0}
+               "reward_models": rm_rows, "best_of_n": bon_rows, "ava_token_rewards": tokens,
+               "wall_time_s": time.time() - t0}
     if is_main():
         write_results(cfg, results, examples)
     log(markdown_tables(results))
