@@ -13,16 +13,21 @@ Tokenizer, the built-in task and its golden reward, and batching.
 - Demonstrations from a file: `read_demos` reads a user's JSON-lines file of
   {"prompt", "response"} objects (e.g. responses of a stronger model), with one clear
   `DataError` naming the file and line for anything malformed.
+- Real preference data: `read_hh` reads Anthropic HH-RLHF as published (harmless-base/,
+  helpful-base/; {"chosen", "rejected"} dialogues) into (prompt, chosen, rejected) triples,
+  counting what it skips; `truncate_prompt` shortens long dialogues by whole turns.
 - Batching: `make_batch` right-pads (prompt, response) token lists into one batch whose
   targets are -100 everywhere except on response tokens (or on the whole dialogue for
   pre-training). The same batch format serves pre-training, SFT, scoring and reward models.
 
     python data.py          # prints a few examples of each kind and their golden rewards
 """
+import gzip
 import hashlib
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -504,6 +509,197 @@ def read_demos(path):
     if not rows:
         raise DataError(f"{path}: holds no demonstrations (an empty file?); {fix}")
     return rows, lines
+
+
+# ----------------------------------------------------------------------------------------
+# Real data: Anthropic HH-RLHF
+
+HH_SUBSETS = {"harmless": ["harmless-base"], "helpful": ["helpful-base"],
+              "both": ["harmless-base", "helpful-base"]}
+HH_SPLITS = ("train", "test")
+HH_SOURCE = ("get it from https://huggingface.co/datasets/Anthropic/hh-rlhf or with "
+             "`git clone https://github.com/anthropics/hh-rlhf` (its files are in git-lfs: "
+             "run `git lfs pull` in the clone)")
+HH_FIX = ('each line must be one JSON object {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", '
+          '"rejected": "..."}; fix the line or pass skip_bad_lines=True to skip such lines')
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def split_dialogue(text):
+    """(prompt, response) of a dialogue, split right after its last "\n\nAssistant:".
+
+    The prompt keeps every earlier turn; the response is the rest, as is (leading space
+    included). None if the text has no "\n\nAssistant:" after a "\n\nHuman:".
+    """
+    i = text.rfind(ASSISTANT)
+    if i < 0 or HUMAN not in text[:i]:
+        return None
+    i += len(ASSISTANT)
+    return text[:i], text[i:]
+
+
+def _hh_line(line):
+    """The (prompt, response) splits of one line's "chosen" and "rejected": (splits, None),
+    or (None, what is wrong) if the line is malformed."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg})"
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    splits = []
+    for key in ("chosen", "rejected"):
+        if not isinstance(obj.get(key), str):
+            return None, f'needs the string field "{key}"'
+        split = split_dialogue(obj[key])
+        if split is None:
+            return None, f'"{key}" has no {ASSISTANT!r} turn after a {HUMAN!r} turn'
+        splits.append(split)
+    return splits, None
+
+
+def _hh_pair(splits):
+    """(prompt, chosen, rejected) with end-of-text appended, or (None, why it is skipped)."""
+    (prompt, chosen), (other, rejected) = splits
+    if prompt != other:
+        return None, "prompt_mismatch"
+    if not chosen.replace(EOT, "").strip() or not rejected.replace(EOT, "").strip():
+        return None, "empty"
+    ends = [r if r.endswith(EOT) else r + EOT for r in (chosen, rejected)]
+    return (prompt, *ends), None
+
+
+def _open_text(path):
+    """A text file object: gunzipped if the name ends with .gz, read as is otherwise."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _is_lfs_pointer(path):
+    """Is the file a git-lfs pointer (a clone without git-lfs) rather than the data?"""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        return False
+
+
+def read_hh_file(path, skip_bad_lines=False):
+    """Preference pairs from one HH-RLHF file: .jsonl.gz (gzip) or .jsonl (plain) by name.
+
+    Each line is {"chosen": dialogue, "rejected": dialogue}; both are split after their last
+    "\n\nAssistant:" (split_dialogue). Returns (pairs, counts): pairs is a list of
+    (prompt, chosen_response, rejected_response), responses as published with end-of-text
+    appended. A malformed line raises a DataError naming the file and line, or with
+    skip_bad_lines is skipped and counted. Pairs whose two prompts differ, or with a
+    whitespace-only response, are always skipped and counted. counts: "read" (well-formed
+    pairs read), "kept" (len(pairs)), "bad_line", "prompt_mismatch", "empty".
+    """
+    counts = {"read": 0, "kept": 0, "bad_line": 0, "prompt_mismatch": 0, "empty": 0}
+    pairs = []
+    try:
+        with _open_text(path) as f:
+            for k, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                splits, problem = _hh_line(line)
+                if problem and not skip_bad_lines:
+                    raise DataError(f"{path} line {k}: {problem}; {HH_FIX}")
+                if problem:
+                    counts["bad_line"] += 1
+                    continue
+                counts["read"] += 1
+                pair, skipped = _hh_pair(splits)
+                if skipped:
+                    counts[skipped] += 1
+                else:
+                    pairs.append(pair)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}); {HH_SOURCE}") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        why = ("a git-lfs pointer, not the data" if _is_lfs_pointer(path)
+               else "not a valid gzip file (a corrupt or truncated download?)")
+        raise DataError(f"{path}: {why}; {HH_SOURCE}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (gzipped? then name it .jsonl.gz); "
+                        f"{HH_SOURCE}") from None
+    if counts["read"] + counts["bad_line"] == 0:
+        raise DataError(f"{path}: holds no lines (an empty file?); {HH_SOURCE}")
+    counts["kept"] = len(pairs)
+    return pairs, counts
+
+
+def hh_files(data_dir, subset="harmless", split="train"):
+    """The files read_hh reads: <data_dir>/<subset>-base/<split>.jsonl.gz, or the plain
+    <split>.jsonl where only that exists (the .gz is preferred: it is the published file)."""
+    if subset not in HH_SUBSETS or split not in HH_SPLITS:
+        raise DataError(f"unknown HH-RLHF subset {subset!r} or split {split!r}: subset is one "
+                        f"of {list(HH_SUBSETS)}, split one of {list(HH_SPLITS)}")
+    wanted = [Path(data_dir) / d / f"{split}.jsonl.gz" for d in HH_SUBSETS[subset]]
+    found = [gz if gz.exists() else gz.with_suffix("") for gz in wanted]  # .jsonl.gz, else .jsonl
+    missing = [str(w) for w, f in zip(wanted, found) if not f.is_file()]
+    if missing:
+        where = (f"no directory {data_dir}" if not Path(data_dir).is_dir()
+                 else f"no {' or '.join(missing)}")
+        raise DataError(f"HH-RLHF data not found ({where}); looked for "
+                        f"{', '.join(map(str, wanted))} (or the same without .gz); {HH_SOURCE}")
+    return found
+
+
+def read_hh(data_dir, subset="harmless", split="train", skip_bad_lines=False):
+    """Preference pairs of an HH-RLHF subset ("harmless", "helpful" or "both") and split
+    ("train" or "test") from the published layout; returns (pairs, counts) summed over files."""
+    pairs, counts = [], {}
+    for path in hh_files(data_dir, subset, split):
+        file_pairs, file_counts = read_hh_file(path, skip_bad_lines)
+        pairs += file_pairs
+        counts = {k: counts.get(k, 0) + v for k, v in file_counts.items()}
+    return pairs, counts
+
+
+def hh_summary(counts):
+    """One line saying what read_hh read and skipped (and truncated, if counts has it)."""
+    skipped = counts["prompt_mismatch"] + counts["empty"]
+    line = (f"hh-rlhf: {counts['read']} pairs read, {skipped} skipped "
+            f"({counts['prompt_mismatch']} prompt mismatch, {counts['empty']} empty), "
+            f"{counts['kept']} kept; {counts['bad_line']} bad lines skipped")
+    if "truncated" in counts:
+        line += f"; {counts['truncated']} prompts truncated"
+    return line
+
+
+def truncate_prompt(prompt, encode, max_tokens):
+    """(prompt, was_truncated): the prompt cut to at most max_tokens tokens of `encode`.
+
+    Whole turns are dropped from the left, so what remains starts with "\n\nHuman:" and
+    ends with "\n\nAssistant:". If even the last human turn does not fit (last resort), the
+    start of its message is cut (by characters, bisected so that it fits whatever `encode`
+    is) and "\n\nHuman:" is kept in front. Raises ValueError if not even
+    "\n\nHuman:\n\nAssistant:" fits, or if the prompt is not a dialogue.
+    """
+    if not prompt.endswith(ASSISTANT) or HUMAN not in prompt:
+        raise ValueError(f"not a dialogue prompt ending in {ASSISTANT!r}: {prompt[-60:]!r}")
+    if len(encode(prompt)) <= max_tokens:
+        return prompt, False
+    for m in re.finditer(re.escape(HUMAN), prompt):  # longest suffix first
+        if len(encode(prompt[m.start():])) <= max_tokens:
+            return prompt[m.start():], True
+    return _cut_last_turn(prompt, encode, max_tokens), True
+
+
+def _cut_last_turn(prompt, encode, max_tokens):
+    """HUMAN + the longest tail of the last human message + ASSISTANT that fits max_tokens."""
+    message = prompt[prompt.rfind(HUMAN) + len(HUMAN):-len(ASSISTANT)]
+    def cut(i):
+        return HUMAN + message[i:] + ASSISTANT
+    if len(encode(cut(len(message)))) > max_tokens:
+        raise ValueError(f"max_tokens={max_tokens} cannot hold even {cut(len(message))!r}")
+    lo, hi = 0, len(message)  # cut(lo) is too long, cut(hi) fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(encode(cut(mid))) <= max_tokens else (mid, hi)
+    return cut(hi)
 
 
 # ----------------------------------------------------------------------------------------
