@@ -14,9 +14,22 @@ API
     configure_optimizer(model, lr, weight_decay, betas)  -> AdamW
     num_params(model)              -> number of (unique) parameters
 
+Pre-trained GPT-2 (Hugging Face layout, model.safetensors):
+    GPT.from_gpt2(name_or_path, cache_dir=None, dropout=0.0)  -> GPT with the GPT-2 weights
+    gpt2_safetensors(name_or_path, cache_dir=None)  -> local path (downloads gpt2..gpt2-xl if needed)
+    read_safetensors(path)         -> {name: tensor}
+    gpt2_state_dict(tensors)       -> our state_dict (renamed, Conv1D weights transposed)
+    gpt2_config(state_dict, hf_config=None, dropout=0.0)  -> GPTConfig
+
 Module names follow nanoGPT / GPT-2 so that GPT-2 weights can be loaded.
 """
+import json
 import math
+import os
+import re
+import shutil
+import sys
+import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +46,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True       # bias in Linears and LayerNorms
+    gelu: str = "none"      # nn.GELU approximate=: "none" (exact erf) or "tanh" (GPT-2's "gelu_new")
 
 
 class CausalSelfAttention(nn.Module):
@@ -63,7 +77,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -102,6 +116,20 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
             if name.endswith('c_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_gpt2(cls, name_or_path, cache_dir=None, dropout=0.0):
+        """Our GPT with pre-trained GPT-2 weights: name_or_path is gpt2 / gpt2-medium / gpt2-large /
+        gpt2-xl (downloaded once into cache_dir) or a local model.safetensors in the Hugging Face
+        layout (or a folder holding one); a config.json beside it is read if present.
+        Full GPT-2 vocabulary (50257 for the real models), tanh GELU, every parameter filled."""
+        path = gpt2_safetensors(name_or_path, cache_dir)
+        sd = gpt2_state_dict(read_safetensors(path))
+        config_json = os.path.join(os.path.dirname(path), "config.json")
+        hf_config = read_json(config_json) if os.path.isfile(config_json) else None
+        model = cls(gpt2_config(sd, hf_config, dropout))
+        load_strict(model, sd, path)
+        return model
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -233,3 +261,167 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-trained GPT-2 weights: a model.safetensors file in the Hugging Face GPT-2 layout
+
+GPT2_URL_BASE = "https://huggingface.co"  # files are fetched from {GPT2_URL_BASE}/{name}/resolve/main/{file}
+GPT2_CACHE_DIR = os.path.join("~", ".cache", "gpt2-safetensors")  # default download folder
+GPT2_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head: gpt2, -medium, -large, -xl
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF activation -> ours
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """All tensors of a .safetensors file as {name: tensor} (CPU, views of one buffer holding the file).
+    Format: 8-byte little-endian unsigned header length N, N bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}} (offsets relative to the byte after the header, plus an optional
+    "__metadata__"), then the raw little-endian data. Raises ValueError naming the file if it is not one."""
+    assert sys.byteorder == "little", "read_safetensors assumes a little-endian machine"
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)  # writable, so torch.frombuffer can share it
+        f.readinto(data)
+
+    def bad(why):
+        return ValueError(f"{path}: not a valid safetensors file: {why}")
+
+    if len(data) < 8:
+        raise bad(f"only {len(data)} bytes, fewer than the 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n > len(data):
+        raise bad(f"header length {n} runs past the end of the file ({len(data)} bytes; truncated?)")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:  # bad UTF-8 or bad JSON
+        raise bad(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    body = memoryview(data)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        entry = safetensors_entry(info)
+        if entry is None:
+            raise bad(f"tensor {name!r} has a bad or unsupported entry {info}")
+        dtype, shape, begin, end = entry
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not (begin <= end <= len(body) and end - begin == nbytes):
+            raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not fit {nbytes} bytes of "
+                      f"{info['dtype']} {shape} in {len(body)} data bytes (truncated?)")
+        flat = torch.frombuffer(body[begin:end], dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+        if flat.data_ptr() % dtype.itemsize:
+            flat = flat.clone()  # misaligned data: copy into an aligned buffer
+        tensors[name] = flat.view(shape)
+    return tensors
+
+
+def safetensors_entry(info):
+    """(dtype, shape, begin, end) of one safetensors header entry; None if malformed or of an unknown dtype."""
+    try:
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    ok = all(isinstance(x, int) and x >= 0 for x in (begin, end, *shape))
+    return (dtype, shape, begin, end) if ok else None
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def gpt2_state_dict(tensors):
+    """Hugging Face GPT-2 tensors -> our state_dict: names get the "transformer." prefix (HF files
+    have it or not), the Conv1D weights (c_attn, c_proj, c_fc stored (in, out)) are transposed into
+    nn.Linear's (out, in), the attention-mask buffers are dropped, and lm_head is tied to wte."""
+    sd = {}
+    for name, t in tensors.items():
+        name = name.removeprefix("transformer.")
+        if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", name) or name == "lm_head.weight":
+            continue  # causal-mask buffers; the output head is checked below
+        if re.fullmatch(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight", name):
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+        sd["transformer." + name] = t
+    wte = sd.get("transformer.wte.weight")
+    head = tensors.get("lm_head.weight")
+    if head is not None and (wte is None or not torch.equal(head, wte)):
+        raise ValueError("GPT-2 weights have an lm_head.weight that is not tied to wte.weight; "
+                         "our GPT ties them")
+    if wte is not None:
+        sd["lm_head.weight"] = wte  # tied
+    return sd
+
+
+def gpt2_config(sd, hf_config=None, dropout=0.0):
+    """GPTConfig of a GPT-2 state_dict (ours, from gpt2_state_dict): sizes from the tensors' shapes,
+    n_head (which shapes cannot give) from the Hugging Face config.json dict hf_config if given,
+    else from the known sizes gpt2 / gpt2-medium / gpt2-large / gpt2-xl."""
+    hf_config = hf_config or {}
+    if "transformer.wte.weight" not in sd or "transformer.wpe.weight" not in sd:
+        raise ValueError("not GPT-2 weights: no wte.weight / wpe.weight tensor")
+    vocab_size, n_embd = sd["transformer.wte.weight"].shape
+    block_size = sd["transformer.wpe.weight"].shape[0]
+    n_layer = sum(1 for k in sd if re.fullmatch(r"transformer\.h\.\d+\.ln_1\.weight", k))
+    n_head = hf_config.get("n_head", GPT2_N_HEAD.get(n_embd))
+    if n_head is None:
+        raise ValueError(f"GPT-2 weights with n_embd={n_embd} are not one of gpt2..gpt2-xl, so n_head is "
+                         f"unknown: put the model's config.json (with n_head) beside model.safetensors")
+    n_pos = hf_config.get("n_positions", hf_config.get("n_ctx", block_size))
+    eps = hf_config.get("layer_norm_epsilon", 1e-5)
+    act = hf_config.get("activation_function", "gelu_new")
+    if n_pos != block_size or eps != 1e-5 or act not in GPT2_GELU:
+        raise ValueError(f"unsupported GPT-2 config: n_positions {n_pos} (wpe has {block_size} rows), "
+                         f"layer_norm_epsilon {eps} (need 1e-5), activation_function {act!r} "
+                         f"(need one of {list(GPT2_GELU)})")
+    return GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                     n_embd=n_embd, dropout=dropout, bias="transformer.ln_f.bias" in sd, gelu=GPT2_GELU[act])
+
+
+def load_strict(model, sd, path):
+    """Copy sd into model; every parameter must be filled, with the right shape, and nothing left over."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}"
+             for k in sorted(set(ours) & set(sd)) if sd[k].shape != ours[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: the weights do not fit our GPT: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shapes {wrong}")
+    model.load_state_dict(sd)  # copies, casting F16/BF16 to the model's dtype
+
+
+def gpt2_safetensors(name_or_path, cache_dir=None):
+    """A local model.safetensors path: an existing file is returned as is (a folder: its
+    model.safetensors); gpt2 / gpt2-medium / gpt2-large / gpt2-xl are downloaded with their
+    config.json into cache_dir/NAME/ once, and reused after."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if os.path.isfile(os.path.join(name_or_path, "model.safetensors")):
+        return os.path.join(name_or_path, "model.safetensors")
+    if name_or_path not in GPT2_NAMES:
+        raise ValueError(f"{name_or_path!r} is neither a model.safetensors file nor one of {list(GPT2_NAMES)}")
+    folder = os.path.join(os.path.expanduser(cache_dir or GPT2_CACHE_DIR), name_or_path)
+    os.makedirs(folder, exist_ok=True)
+    for fname in ("config.json", "model.safetensors"):
+        dst = os.path.join(folder, fname)
+        if not os.path.isfile(dst):
+            download(f"{GPT2_URL_BASE}/{name_or_path}/resolve/main/{fname}", dst, name_or_path)
+    return os.path.join(folder, "model.safetensors")
+
+
+def download(url, dst, name):
+    """Fetch url into dst atomically (a .tmp file, then os.replace): dst is whole or absent."""
+    print(f"downloading {url} -> {dst}")
+    tmp = dst + ".tmp"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f, length=1 << 20)
+    except OSError as e:  # URLError, HTTPError, timeouts, disk errors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(f"cannot download {name} ({url}: {e}); download model.safetensors yourself "
+                           f"and pass --init_from=PATH/model.safetensors") from None
+    os.replace(tmp, dst)
