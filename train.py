@@ -58,14 +58,19 @@ class Config:
     out_dir: str = "out"
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
-    task: str = "synthetic"
+    task: str = "synthetic"       # synthetic (the built-in task) | hh (Anthropic HH-RLHF from --data_dir)
     demos: str = ""               # a JSON-lines file of {"prompt", "response"}: replaces the built-in demonstrations
+    data_dir: str = ""            # --task=hh: the folder holding harmless-base/ and helpful-base/
+    subset: str = "harmless"      # --task=hh: harmless | helpful | both
+    skip_bad_lines: bool = False  # --task=hh: skip and count malformed lines instead of stopping
+    init_from: str = ""           # pi_init: "" = pre-train from scratch; gpt2 | gpt2-medium | ... | PATH/model.safetensors
     # the task: how many prompts in each (disjoint) split
     n_pretrain: int = 6000
     n_demo: int = 1500
     n_rm: int = 600
     n_heldout: int = 200
     n_eval: int = 300
+    n_gold: int = 2000            # --task=hh: preference pairs of the gold reward model (no other RM sees them)
     multi_turn_prob: float = 0.3
     pref_noise_temp: float = 1.0  # Bradley-Terry temperature of the preference labels
     # the model (policy and reward models share it)
@@ -85,6 +90,8 @@ class Config:
     sft_lr: float = 5e-4
     rm_steps: int = 100
     rm_lr: float = 3e-4
+    gold_rm_steps: int = 600      # --task=hh: Bradley-Terry steps of the gold reward model
+    gold_init_from: str = ""      # --task=hh: the gold RM's trunk ("" = pi_init; e.g. gpt2-medium, bigger than the rest)
     ava_lambda: float = 1.0       # AVA: weight of the Bellman-consistency term (AVRIL: 1)
     ava_gamma: float = 1.0        # AVA: discount in the TD difference (AVRIL's code: 1, no discount)
     ckpt_every: int = 100         # training steps between resumable checkpoints
@@ -115,12 +122,21 @@ PRESETS = {
     "smoke": dict(n_pretrain=300, n_demo=100, n_rm=40, n_heldout=20, n_eval=24, n_layer=2,
                   n_head=2, n_embd=32, batch_size=16, pretrain_steps=30, sft_steps=15,
                   rm_steps=10, bon_n=8, max_new_tokens=32, warmup_steps=5, ckpt_every=10,
-                pg_steps=6, pg_prompts=4, pg_group=4, irl_rounds=2, irl_rm_steps=4, n_round_samples=16),
+                pg_steps=6, pg_prompts=4, pg_group=4, irl_rounds=2, irl_rm_steps=4, n_round_samples=16,
+                n_gold=40, gold_rm_steps=10),
     "cpu": dict(),
     "gpu": dict(n_pretrain=20000, n_demo=4000, n_rm=2000, n_heldout=500, n_eval=1000,
                 n_layer=6, n_head=6, n_embd=384, batch_size=64, pretrain_steps=3000,
                 pretrain_lr=1e-3, sft_steps=600, sft_lr=3e-4, rm_steps=400, rm_lr=1e-4,
                 sample_rows=8192, ckpt_every=500),
+    # the paper's setting at GPT-2 scale on one GPU: HH-RLHF (--data_dir=DIR), pi_init = GPT-2
+    # small, a GPT-2 medium gold reward model; see the README for the time budget
+    "gpu-hh": dict(task="hh", subset="both", init_from="gpt2", gold_init_from="gpt2-medium",
+                   n_layer=12, n_head=12, n_embd=768, block_size=512, n_pretrain=20000, n_gold=20000,
+                   n_demo=20000, n_rm=10000, n_heldout=500, n_eval=1000, batch_size=32,
+                   warmup_steps=50, sft_steps=2000, sft_lr=5e-5, rm_steps=600, rm_lr=1e-5,
+                   gold_rm_steps=1500, max_new_tokens=64, bon_n=16, sample_rows=2048,
+                   pg_steps=200, pg_lr=5e-6, n_round_samples=2048, ckpt_every=200),
 }
 BON_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -128,8 +144,8 @@ BON_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 # changed field redoes its stage and everything downstream (fields not listed, such as
 # out_dir, device or ckpt_every, do not change results).
 STAGE_FIELDS = {
-    "task": ["seed", "task", "demos", "n_pretrain", "n_demo", "n_rm", "n_heldout", "n_eval",
-             "multi_turn_prob", "pref_noise_temp"],
+    "task": ["seed", "task", "demos", "data_dir", "subset", "skip_bad_lines", "init_from", "n_pretrain",
+             "n_demo", "n_rm", "n_heldout", "n_eval", "n_gold", "multi_turn_prob", "pref_noise_temp"],
     "pretrain": ["n_layer", "n_head", "n_embd", "block_size", "dropout", "batch_size",
                  "weight_decay", "grad_clip", "warmup_steps", "pretrain_steps", "pretrain_lr", "bf16"],
     "sft": ["sft_steps", "sft_lr"],
@@ -137,7 +153,7 @@ STAGE_FIELDS = {
     "rm": ["rm_steps", "rm_lr", "ava_lambda", "ava_gamma"],
     "policy": ["pg_steps", "pg_lr", "pg_prompts", "pg_group", "beta_kl", "disc_lr", "irl_rounds",
                "irl_rm_steps", "irft_stages", "irft_beta", "n_round_samples"],
-    "evaluate": ["bon_n", "methods"],
+    "evaluate": ["bon_n", "methods", "gold_rm_steps", "gold_init_from"],
 }
 METHODS = ["bon", "adversarial", "irl", "irft", "rl_init_sft", "rl_ava_d"]
 POLICY_NAMES = {"adversarial": "afd_adversarial", "irl": "irl_iterated", "irft": "irft",
@@ -512,16 +528,44 @@ def score(scorer, prompts, responses, cfg, vocab, batch=256):
     return gather_tensor(torch.cat(out))
 
 
-def golden(prompt_texts, responses, vocab):
-    return torch.tensor([data.golden_reward(p, vocab.decode(r)) for p, r in zip(prompt_texts, responses)])
+def program_golden(vocab):
+    """The built-in task's golden reward (data.golden_reward) as golden(prompts, responses)."""
+    return lambda prompts, responses: torch.tensor(
+        [data.golden_reward(vocab.decode(p), vocab.decode(r)) for p, r in zip(prompts, responses)])
 
 
 # ----------------------------------------------------------------------------------------
 # The stages
 
+def hh_task(cfg):
+    """--task=hh: HH-RLHF pairs from --data_dir split into the task's disjoint splits."""
+    pairs = {}
+    for split in ("train", "test"):
+        pairs[split], counts = data.read_hh(cfg.data_dir, cfg.subset, split, cfg.skip_bad_lines)
+        log(f"[task] {split}: " + data.hh_summary(counts))
+    task, sizes = data.build_hh_task(pairs["train"], pairs["test"], cfg.seed, cfg.n_pretrain, cfg.n_demo,
+                                     cfg.n_rm, cfg.n_heldout, cfg.n_eval, cfg.n_gold)
+    short = [f"{k} {sizes[k]} of {want}" for k, want in
+             [("gold", cfg.n_gold), ("demo", cfg.n_demo), ("rm", cfg.n_rm), ("heldout", cfg.n_heldout),
+              ("eval", cfg.n_eval)] if sizes[k] < want]
+    if short:
+        log(f"[task] the data ran short, these splits are smaller than asked: {', '.join(short)}")
+    empty = [k for k in ("gold", "demo", "rm", "heldout", "eval") if sizes[k] == 0]
+    if empty:
+        die(f"--data_dir={cfg.data_dir}: not enough distinct prompts for the {', '.join(empty)} split(s) "
+            f"({sizes}); lower --n_gold/--n_demo/--n_rm or give more data")
+    return task
+
+
 def stage_task(cfg):
-    task = data.build_task(cfg.seed, cfg.n_pretrain, cfg.n_demo, cfg.n_rm, cfg.n_heldout,
-                           cfg.n_eval, cfg.multi_turn_prob, cfg.pref_noise_temp)
+    if cfg.task == "hh":
+        try:
+            task = hh_task(cfg)
+        except data.DataError as e:
+            die(str(e))
+    else:
+        task = data.build_task(cfg.seed, cfg.n_pretrain, cfg.n_demo, cfg.n_rm, cfg.n_heldout,
+                               cfg.n_eval, cfg.multi_turn_prob, cfg.pref_noise_temp)
     demo_source = [f"demonstration {i + 1}" for i in range(len(task.demos))]
     if cfg.demos:
         try:
@@ -529,7 +573,12 @@ def stage_task(cfg):
         except data.DataError as e:
             die(str(e))
         demo_source = [f"{cfg.demos} line {k}" for k in lines]
-    vocab = data.Vocab.from_texts(task.texts())
+    if cfg.task == "hh":  # real dialogues are long: shorten them to the context, and count
+        counts = data.fit_to_context(task, cfg.block_size, cfg.max_new_tokens)
+        log(f"[task] to fit --block_size={cfg.block_size}: {counts['prompts_truncated']} prompts lost "
+            f"their earliest turns, {counts['responses_truncated']} responses were cut at the end")
+    # a GPT-2 initialisation needs GPT-2's whole vocabulary; from scratch, the task's tokens do
+    vocab = data.Vocab(range(50257)) if cfg.init_from else data.Vocab.from_texts(task.texts())
     enc = vocab.encode
     tok = {
         "pretrain": [(enc(p), enc(r)) for p, r in task.pretrain],
@@ -539,6 +588,7 @@ def stage_task(cfg):
         "heldout": [tuple(enc(t) for t in row) for row in task.heldout],
         "eval_prompts": [enc(p) for p in task.eval_prompts],
         "eval_demos": [enc(r) for r in task.eval_demos],
+        "gold": [(enc(p), enc(c), enc(r)) for p, c, r in task.gold_pairs],
     }
     rows = [(f"pre-training dialogue {i + 1}", p, r) for i, (p, r) in enumerate(tok["pretrain"])]
     for where, p, r in rows + list(zip(demo_source, *zip(*tok["demos"]))):
@@ -549,7 +599,7 @@ def stage_task(cfg):
     if longest_prompt + cfg.max_new_tokens > cfg.block_size:
         die(f"a prompt of {longest_prompt} tokens + --max_new_tokens={cfg.max_new_tokens} exceeds "
             f"--block_size={cfg.block_size}; lower max_new_tokens or raise block_size")
-    log(f"[task] {len(task.pretrain)} pre-training dialogues, {len(task.demos)} demonstrations"
+    log(f"[task] {cfg.task}: {len(task.pretrain)} pre-training dialogues, {len(task.demos)} demonstrations"
         f"{' from ' + cfg.demos if cfg.demos else ''}, {len(task.rm_prompts)} RM / "
         f"{len(task.heldout)} held-out / {len(task.eval_prompts)} evaluation prompts; "
         f"vocabulary {len(vocab)} of 50257 GPT-2 tokens")
@@ -586,7 +636,23 @@ def available_host_memory():
         return None  # not Linux: no check
 
 
+def load_gpt2(name_or_path, cfg):
+    """A GPT with pre-trained GPT-2 weights (model.GPT.from_gpt2), or a clear error."""
+    try:
+        model = GPT.from_gpt2(name_or_path).to(cfg.device)
+    except (OSError, ValueError, RuntimeError) as e:
+        die(f"--init_from={name_or_path}: {e}")
+    if model.config.block_size < cfg.block_size:
+        die(f"--block_size={cfg.block_size} is longer than {name_or_path}'s context "
+            f"({model.config.block_size}); lower --block_size")
+    return model
+
+
 def stage_pretrain(cfg, vocab, tok):
+    if cfg.init_from:  # a pre-trained GPT-2 replaces pre-training
+        pi_init = load_gpt2(cfg.init_from, cfg)
+        log(f"[pretrain] pi_init = {cfg.init_from}: {num_params(pi_init) / 1e6:.1f}M params, no pre-training")
+        return pi_init
     stage_cfg = stage_config(cfg, "pretrain")
     torch.manual_seed(cfg.seed)
     pi_init = GPT(model_config(cfg, vocab)).to(cfg.device)
@@ -648,12 +714,8 @@ def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
             return ava_p_loss(model, idx, targets, cfg.ava_lambda, cfg.ava_gamma)
         batch_at = row_sampler([tok["pref"]], half, cfg, f"rm_{name}")
     elif name == "pref":
-        pairs = tok["pref"]
-
-        def loss_of_batch(model, picked):
-            r = model(*pairs_batch([(p, c) for p, c, _ in picked] + [(p, r) for p, _, r in picked], cfg, vocab))
-            return bradley_terry_loss(r[:len(picked)], r[len(picked):])
-        batch_at = row_sampler([pairs], half, cfg, f"rm_{name}")
+        loss_of_batch = bradley_terry_loss_of(cfg, vocab)
+        batch_at = row_sampler([tok["pref"]], half, cfg, f"rm_{name}")
     else:
         neg_src, pos_src = POINTWISE[name]
         source = {"init": list(zip(samples["rm_prompts"], samples["init"])),
@@ -669,13 +731,43 @@ def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
     return rm
 
 
+def bradley_terry_loss_of(cfg, vocab):
+    """loss_of_batch on (prompt, chosen, rejected) triples: reward.bradley_terry_loss."""
+    def loss_of_batch(model, picked):
+        r = model(*pairs_batch([(p, c) for p, c, _ in picked] + [(p, r) for p, _, r in picked], cfg, vocab))
+        return bradley_terry_loss(r[:len(picked)], r[len(picked):])
+    return loss_of_batch
+
+
+def stage_gold(cfg, vocab, tok, pi_init):
+    """The golden reward, golden(prompts, responses) -> (B,): the built-in task's program, or on
+    real data a "gold" Bradley-Terry reward model trained on pairs that no evaluated reward
+    model sees (a proxy for human judgement, as in reward over-optimisation studies)."""
+    if cfg.task == "synthetic":
+        return program_golden(vocab)
+    stage_cfg = {**stage_config(cfg, "pretrain"), "gold_rm_steps": cfg.gold_rm_steps,
+                 "gold_init_from": cfg.gold_init_from, "rm_lr": cfg.rm_lr}
+    trunk = load_gpt2(cfg.gold_init_from, cfg) if cfg.gold_init_from else pi_init
+    gold = RewardModel.from_policy(trunk).to(cfg.device)
+    if not restore(gold, os.path.join(cfg.out_dir, "rm_gold.pt"), stage_cfg, vocab, "gold rm"):
+        batch_at = row_sampler([tok["gold"]], cfg.batch_size // WORLD // 2, cfg, "rm_gold")
+        train_and_save(gold, "rm_gold", bradley_terry_loss_of(cfg, vocab), batch_at, cfg.gold_rm_steps,
+                       cfg.rm_lr, cfg, vocab, stage_cfg)
+    prompts, _, chosen, rejected = map(list, zip(*tok["heldout"]))
+    accuracy = pairwise_accuracy(score(gold, prompts, chosen, cfg, vocab), score(gold, prompts, rejected, cfg, vocab))
+    log(f"[gold] the golden reward is a proxy: a reward model trained on {len(tok['gold'])} pairs no "
+        f"other model sees; held-out chosen > rejected accuracy {accuracy:.3f}")
+    gold = frozen_copy(gold)
+    return lambda prompts, responses: score(gold, prompts, responses, cfg, vocab)
+
+
 # each reward model's own kind of held-out pair: (should score higher, should score lower)
 OWN_PAIRS = {"init_sft": ("sft_a", "init"), "init_demo": ("demo", "init"), "sft_demo": ("demo", "sft_a"),
              "pref": ("chosen", "rejected"), "logratio": ("sft_a", "init"),
              "ava_d": ("demo", "init"), "ava_p": ("chosen", "rejected")}
 
 
-def stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft):
+def stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft, golden):
     scorers = {}
     for name in RM_NAMES:
         scorers[name] = (LogRatioReward(pi_sft, pi_init) if name == "logratio" else
@@ -684,8 +776,7 @@ def stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft):
     prompts, demos, chosen, rejected = map(list, zip(*tok["heldout"]))
     sft_a, sft_b = samples["heldout_sft"][0::2], samples["heldout_sft"][1::2]
     init = samples["heldout_init"]
-    prompt_text = [vocab.decode(p) for p in prompts]
-    g_a, g_b = golden(prompt_text, sft_a, vocab), golden(prompt_text, sft_b, vocab)
+    g_a, g_b = golden(prompts, sft_a), golden(prompts, sft_b)
     rows = []
     for name, scorer in scorers.items():
         s = {k: score(scorer, prompts, v, cfg, vocab) for k, v in
@@ -859,7 +950,7 @@ def stage_policies(cfg, vocab, tok, pi_init, pi_sft, scorers):
     return policies
 
 
-def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained):
+def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained, golden):
     prompts, P, N = tok["eval_prompts"], len(tok["eval_prompts"]), cfg.bon_n
     texts = task.eval_prompts
     responses = {"init": sample(pi_init, prompts, 1, cfg, vocab, cfg.seed + 5, "eval pi_init"),
@@ -867,7 +958,7 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained):
                  "demonstrations": tok["eval_demos"]}
     for name, policy in trained.items():  # the same sampling seed as SFT's
         responses[name] = sample(policy, prompts, 1, cfg, vocab, cfg.seed + 6, f"eval {name}")
-    g = {name: golden(texts, r, vocab) for name, r in responses.items()}
+    g = {name: golden(prompts, r) for name, r in responses.items()}
     policies = []
     for name in responses:
         m, se = mean_stderr(g[name])
@@ -884,7 +975,7 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained):
     # Best-of-N: N candidates of pi_sft per prompt, every reward model, every n <= N
     candidates = sample(pi_sft, prompts, N, cfg, vocab, cfg.seed + 7, "bon pi_sft")
     flat_prompts = [p for p in prompts for _ in range(N)]
-    g_cand = golden([t for t in texts for _ in range(N)], candidates, vocab).view(P, N)
+    g_cand = golden([p for p in prompts for _ in range(N)], candidates).view(P, N)
     wins = win_rate_indicator(g_cand, g["sft"][:, None])  # (P, N) vs the SFT response
     bon_rows = []
     for name, scorer in progress(scorers.items(), desc="score candidates"):
@@ -906,12 +997,13 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained):
 
 @torch.no_grad()
 def token_rewards(ava, prompts, texts, responses, golden_rewards, cfg, vocab):
-    """AVA's intermediate rewards on two evaluation responses, the first the golden reward
-    counts as solved (>= 2) and the first it does not: per response token, (text, mu, sigma)."""
-    solved = [i for i, g in enumerate(golden_rewards.tolist()) if g >= 2]
-    unsolved = [i for i, g in enumerate(golden_rewards.tolist()) if g < 2]
+    """AVA's intermediate rewards on two evaluation responses, those with the highest and the
+    lowest golden reward (the first of each): per response token, (text, mu, sigma)."""
+    order = torch.sort(golden_rewards, descending=True, stable=True).indices.tolist()
+    best = order[0]
+    worst = min(i for i in order if golden_rewards[i] == golden_rewards[order[-1]])
     rows = []
-    for i in (solved[:1] + unsolved[:1]) or [0]:
+    for i in dict.fromkeys([best, worst]):
         idx, targets, _ = data.make_batch([prompts[i]], [responses[i]], vocab.eot_id, cfg.device)
         mu, sigma = ava.token_rewards(idx, targets)                  # (1, T) each
         at = (targets[0] != -100).nonzero().squeeze(1)
@@ -1037,8 +1129,13 @@ def check_device_and_out_dir(cfg):
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device={cfg.device} but no CUDA GPU is visible; use --device=cpu")
-    if cfg.task != "synthetic":
-        die(f"unknown --task={cfg.task!r}; only 'synthetic' (the built-in task) exists")
+    if cfg.task not in ("synthetic", "hh"):
+        die(f"unknown --task={cfg.task!r}; choose synthetic (the built-in task) or hh (HH-RLHF)")
+    if cfg.task == "hh" and not cfg.data_dir:
+        die("--task=hh needs --data_dir=DIR, the folder holding harmless-base/ and helpful-base/ "
+            "(see the README: getting HH-RLHF)")
+    if cfg.gold_init_from and not cfg.init_from:
+        die("--gold_init_from loads GPT-2 weights, which need GPT-2's vocabulary: set --init_from too")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
@@ -1070,9 +1167,11 @@ def main(argv):
     pi_init = stage_pretrain(cfg, vocab, tok)
     pi_sft = stage_sft(cfg, vocab, tok, pi_init)
     samples = stage_sample(cfg, vocab, tok, pi_init, pi_sft)
-    scorers, rm_rows = stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft)
+    golden = stage_gold(cfg, vocab, tok, pi_init)
+    scorers, rm_rows = stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft, golden)
     trained = stage_policies(cfg, vocab, tok, pi_init, pi_sft, scorers)
-    policies, bon_rows, examples, tokens = stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained)
+    policies, bon_rows, examples, tokens = stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained,
+                                                          golden)
     results = {"preset": cfg.preset, "seed": cfg.seed, "device": cfg.device, "task": cfg.task,
                "processes": WORLD, "config": asdict(cfg), "stage_config": stage_config(cfg, "evaluate"),
                "policies": policies,
