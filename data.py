@@ -28,7 +28,7 @@ import json
 import random
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tiktoken
@@ -413,10 +413,11 @@ class Task:
     heldout: list       # (prompt, demonstration, chosen, rejected), reward-model accuracy
     eval_prompts: list  # prompts on which every policy is evaluated
     eval_demos: list    # the demonstrator's response to each evaluation prompt
+    gold_pairs: list = field(default_factory=list)  # (prompt, chosen, rejected): real data's gold RM
 
     def texts(self):
         """Every text of the task (to build its vocabulary)."""
-        for split in (self.pretrain, self.demos, self.pref_pairs, self.heldout):
+        for split in (self.pretrain, self.demos, self.pref_pairs, self.heldout, self.gold_pairs):
             for row in split:
                 yield from row
         yield from self.rm_prompts
@@ -700,6 +701,75 @@ def _cut_last_turn(prompt, encode, max_tokens):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if len(encode(cut(mid))) <= max_tokens else (mid, hi)
     return cut(hi)
+
+
+def build_hh_task(train_pairs, test_pairs, seed, n_pretrain, n_demo, n_rm, n_heldout, n_eval, n_gold):
+    """A Task from HH-RLHF (prompt, chosen, rejected) pairs, with disjoint prompt splits.
+
+    From the train pairs, shuffled by the seed, one pair per distinct prompt, in this order:
+    gold (the gold reward model's pairs), demo (the chosen response is the demonstration), rm
+    (preference pairs of `pref` and prompts for sampling), pretrain (chosen and rejected
+    dialogues both: a corpus of mixed quality). From the test pairs: held-out (the chosen
+    response stands in for the demonstration) and eval. A split gets what is left when the
+    data run short; returns (task, sizes) so that the caller can say so.
+    """
+    def distinct(pairs, tag):
+        rows = list({p: (p, c, r) for p, c, r in pairs}.values())
+        random.Random(f"{seed}/hh/{tag}").shuffle(rows)
+        return rows
+    train, test = distinct(train_pairs, "train"), distinct(test_pairs, "test")
+    take = lambda rows, n: (rows[:n], rows[n:])
+    gold, train = take(train, n_gold)
+    demo, train = take(train, n_demo)
+    rm, train = take(train, n_rm)
+    pretrain, _ = take(train, n_pretrain)
+    heldout, test = take(test, n_heldout)
+    evaluate, _ = take(test, n_eval)
+    task = Task(pretrain=[(p, y) for p, c, r in pretrain for y in (c, r)],
+                demos=[(p, c) for p, c, _ in demo], rm_prompts=[p for p, _, _ in rm], pref_pairs=rm,
+                heldout=[(p, c, c, r) for p, c, r in heldout], eval_prompts=[p for p, _, _ in evaluate],
+                eval_demos=[c for _, c, _ in evaluate], gold_pairs=gold)
+    sizes = {"gold": len(gold), "demo": len(demo), "rm": len(rm), "pretrain": len(pretrain),
+             "heldout": len(heldout), "eval": len(evaluate)}
+    return task, sizes
+
+
+def fit_to_context(task, block_size, max_new_tokens):
+    """Shorten every dialogue of a real-data task to the model's context, in place; returns
+    counts. A prompt keeps at most block_size - max_new_tokens tokens, dropping whole turns
+    from the left (truncate_prompt); a response keeps what fits after its prompt, cut from
+    the right (it then has no end-of-text). Nothing is dropped, everything is counted."""
+    encode = lambda text: gpt2_encoding().encode(text, allowed_special={EOT})
+    counts = {"prompts_truncated": 0, "responses_truncated": 0}
+    memo = {}
+
+    def prompt_fit(prompt):
+        if prompt not in memo:
+            memo[prompt] = truncate_prompt(prompt, encode, block_size - max_new_tokens)
+            counts["prompts_truncated"] += memo[prompt][1]
+        return memo[prompt][0]
+
+    def response_fit(prompt, response):
+        budget = block_size - len(encode(prompt))
+        ids = encode(response)
+        if len(ids) <= budget:
+            return response
+        counts["responses_truncated"] += 1
+        keep = budget
+        while len(encode(gpt2_encoding().decode(ids[:keep]))) > budget:  # re-encoding a cut
+            keep -= 1                                                     # text can change it
+        return gpt2_encoding().decode(ids[:keep])
+
+    def fit(prompt, *responses):
+        prompt = prompt_fit(prompt)
+        return (prompt, *(response_fit(prompt, y) for y in responses))
+
+    for name in ("pretrain", "demos", "pref_pairs", "gold_pairs", "heldout"):
+        setattr(task, name, [fit(*row) for row in getattr(task, name)])
+    task.eval_demos = [fit(p, y)[1] for p, y in zip(task.eval_prompts, task.eval_demos)]
+    task.rm_prompts = [prompt_fit(p) for p in task.rm_prompts]
+    task.eval_prompts = [prompt_fit(p) for p in task.eval_prompts]
+    return counts
 
 
 # ----------------------------------------------------------------------------------------
