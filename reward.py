@@ -115,9 +115,15 @@ class AVARewardModel(nn.Module):
             model.q_head.weight.copy_(policy.lm_head.weight)
         return model
 
+    def forward(self, idx, targets, last=None, per_token=False):
+        """The sequence reward sum_t mu_t: (B,). With per_token=True, the heads at every response
+        position t (mask = targets != -100), each (B, T) float32: mu_t, log sigma_t,
+        Q(s_t, y_{t+1}), log softmax(Q(s_t, .))[y_{t+1}]; 0 off the mask. (Both go through
+        forward, so that DistributedDataParallel sees the training call.)"""
+        heads = self.heads(idx, targets)
+        return heads if per_token else heads[0].sum(dim=1)
+
     def heads(self, idx, targets):
-        """Per response position t (mask = targets != -100), each (B, T) float32:
-        mu_t, log sigma_t, Q(s_t, y_{t+1}), log softmax(Q(s_t, .))[y_{t+1}]; 0 off the mask."""
         h = self.trunk.hidden(idx)                                   # (B, T, C)
         mask = targets != -100
         y = targets.clamp(min=0)                                     # (B, T) the taken tokens
@@ -132,12 +138,8 @@ class AVARewardModel(nn.Module):
 
     def token_rewards(self, idx, targets):
         """(mu, sigma), each (B, T): the per-token reward posterior (0 and 1 off the mask)."""
-        mu, log_sigma, _, _ = self.heads(idx, targets)
+        mu, log_sigma, _, _ = self(idx, targets, per_token=True)
         return mu, log_sigma.exp()
-
-    def forward(self, idx, targets, last=None):
-        """The sequence reward sum_t mu_t: (B,)."""
-        return self.heads(idx, targets)[0].sum(dim=1)
 
 
 def gaussian_kl_to_prior(mu, log_sigma):
@@ -165,7 +167,7 @@ def ava_token_objective(model, idx, targets, lam, gamma):
     (policy likelihood, prior, Bellman consistency). Returns (objective (B, T), 0 off the
     mask; mask (B, T); sum_t mu_t (B,)).
     """
-    mu, log_sigma, q_taken, logp_taken = model.heads(idx, targets)
+    mu, log_sigma, q_taken, logp_taken = model(idx, targets, per_token=True)
     mask = targets != -100
     td = td_differences(q_taken, mask, gamma)
     objective = (logp_taken - gaussian_kl_to_prior(mu, log_sigma)

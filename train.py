@@ -742,9 +742,10 @@ def bradley_terry_loss_of(cfg, vocab):
 def stage_gold(cfg, vocab, tok, pi_init):
     """The golden reward, golden(prompts, responses) -> (B,): the built-in task's program, or on
     real data a "gold" Bradley-Terry reward model trained on pairs that no evaluated reward
-    model sees (a proxy for human judgement, as in reward over-optimisation studies)."""
+    model sees (a proxy for human judgement, as in reward over-optimisation studies).
+    Returns (golden, what it is: a dict for results.json)."""
     if cfg.task == "synthetic":
-        return program_golden(vocab)
+        return program_golden(vocab), {"kind": "program", "function": "data.golden_reward"}
     stage_cfg = {**stage_config(cfg, "pretrain"), "gold_rm_steps": cfg.gold_rm_steps,
                  "gold_init_from": cfg.gold_init_from, "rm_lr": cfg.rm_lr}
     trunk = load_gpt2(cfg.gold_init_from, cfg) if cfg.gold_init_from else pi_init
@@ -755,10 +756,12 @@ def stage_gold(cfg, vocab, tok, pi_init):
                        cfg.rm_lr, cfg, vocab, stage_cfg)
     prompts, _, chosen, rejected = map(list, zip(*tok["heldout"]))
     accuracy = pairwise_accuracy(score(gold, prompts, chosen, cfg, vocab), score(gold, prompts, rejected, cfg, vocab))
+    info = {"kind": "gold reward model (a proxy)", "pairs": len(tok["gold"]), "steps": cfg.gold_rm_steps,
+            "init_from": cfg.gold_init_from or "pi_init", "heldout_accuracy": accuracy}
     log(f"[gold] the golden reward is a proxy: a reward model trained on {len(tok['gold'])} pairs no "
         f"other model sees; held-out chosen > rejected accuracy {accuracy:.3f}")
     gold = frozen_copy(gold)
-    return lambda prompts, responses: score(gold, prompts, responses, cfg, vocab)
+    return (lambda prompts, responses: score(gold, prompts, responses, cfg, vocab)), info
 
 
 # each reward model's own kind of held-out pair: (should score higher, should score lower)
@@ -1108,7 +1111,13 @@ def plot_golden_vs_kl(results, path):
 def write_results(cfg, results, examples):
     write_text_atomic(json.dumps(results, indent=2), os.path.join(cfg.out_dir, "results.json"))
     report = [f"# Results: preset `{cfg.preset}`, seed {cfg.seed}, device {results['device']}, "
-              f"{results['wall_time_s']:.0f} s", "", markdown_tables(results), ""]
+              f"{results['wall_time_s']:.0f} s", ""]
+    gold = results["golden_reward"]
+    if gold["kind"] != "program":
+        report += [f"The golden reward here is a **proxy**: a reward model trained on {gold['pairs']} preference "
+                   f"pairs that no evaluated model saw (from {gold['init_from']}, held-out chosen > rejected "
+                   f"accuracy {gold['heldout_accuracy']:.3f}), not human judgement.", ""]
+    report += [markdown_tables(results), ""]
     if curve_names(cfg):
         report += ["## Policy training (first 10 steps -> last 10 steps)", "", curves_table(cfg), ""]
     if plot_golden_vs_kl(results, os.path.join(cfg.out_dir, "golden_vs_kl.png")):
@@ -1167,13 +1176,14 @@ def main(argv):
     pi_init = stage_pretrain(cfg, vocab, tok)
     pi_sft = stage_sft(cfg, vocab, tok, pi_init)
     samples = stage_sample(cfg, vocab, tok, pi_init, pi_sft)
-    golden = stage_gold(cfg, vocab, tok, pi_init)
+    golden, golden_info = stage_gold(cfg, vocab, tok, pi_init)
     scorers, rm_rows = stage_reward_models(cfg, vocab, tok, samples, pi_init, pi_sft, golden)
     trained = stage_policies(cfg, vocab, tok, pi_init, pi_sft, scorers)
     policies, bon_rows, examples, tokens = stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained,
                                                           golden)
     results = {"preset": cfg.preset, "seed": cfg.seed, "device": cfg.device, "task": cfg.task,
                "processes": WORLD, "config": asdict(cfg), "stage_config": stage_config(cfg, "evaluate"),
+               "golden_reward": golden_info,
                "policies": policies,
                "reward_models": rm_rows, "best_of_n": bon_rows, "ava_token_rewards": tokens,
                "wall_time_s": time.time() - t0}

@@ -258,3 +258,49 @@ def test_truncate_prompt_refuses_impossible_budgets_and_non_dialogues():
         data.truncate_prompt(THREE_TURNS, data.gpt2_encoding().encode, 7)  # they need 8
     with pytest.raises(ValueError, match="not a dialogue prompt"):
         data.truncate_prompt("no turns at all", words, 100)
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+@needs_fixture
+def test_build_hh_task_splits_are_disjoint_by_prompt():
+    pairs, _ = data.read_hh_file(FIXTURE)
+    train, test = pairs[:200], pairs[200:]
+    task, sizes = data.build_hh_task(train, test, seed=0, n_pretrain=1000, n_demo=60, n_rm=40,
+                                     n_heldout=30, n_eval=1000, n_gold=50)
+    distinct_train = len({p for p, _, _ in train})
+    assert sizes["gold"] == 50 and sizes["demo"] == 60 and sizes["rm"] == 40 and sizes["heldout"] == 30
+    assert sizes["pretrain"] == distinct_train - 150  # what is left; the data ran short of 1000
+    assert sizes["eval"] == len({p for p, _, _ in test}) - 30
+    splits = [{p for p, _, _ in task.gold_pairs}, {p for p, _ in task.demos}, set(task.rm_prompts),
+              {p for p, _ in task.pretrain}, {row[0] for row in task.heldout}, set(task.eval_prompts)]
+    assert sum(map(len, splits)) == len(set().union(*splits))  # no prompt in two splits
+    chosen = {p: c for p, c, _ in train}
+    assert all(chosen[p] == y for p, y in task.demos)  # demonstrations are the chosen responses
+    assert len(task.pretrain) == 2 * sizes["pretrain"]  # chosen and rejected dialogues both
+    again, _ = data.build_hh_task(train, test, seed=0, n_pretrain=1000, n_demo=60, n_rm=40,
+                                  n_heldout=30, n_eval=1000, n_gold=50)
+    other, _ = data.build_hh_task(train, test, seed=1, n_pretrain=1000, n_demo=60, n_rm=40,
+                                  n_heldout=30, n_eval=1000, n_gold=50)
+    assert again.demos == task.demos and other.demos != task.demos  # a function of the seed
+
+
+@needs_fixture
+def test_fit_to_context_shortens_everything_and_counts_it():
+    pairs, _ = data.read_hh_file(FIXTURE)
+    task, _ = data.build_hh_task(pairs[:200], pairs[200:], seed=0, n_pretrain=1000, n_demo=60,
+                                 n_rm=40, n_heldout=30, n_eval=1000, n_gold=50)
+    before = [p for p, _ in task.demos]
+    counts = data.fit_to_context(task, block_size=96, max_new_tokens=32)
+    n_tokens = lambda text: len(data.gpt2_encoding().encode(text, allowed_special={EOT}))
+    assert counts["prompts_truncated"] > 0 and counts["responses_truncated"] > 0
+    for p, *responses in task.pretrain + task.demos + task.pref_pairs + task.gold_pairs + task.heldout:
+        assert p.startswith(HUMAN) and p.endswith(ASSISTANT) and n_tokens(p) <= 96 - 32
+        assert all(n_tokens(p) + n_tokens(y) <= 96 for y in responses)
+    for p, y in zip(task.eval_prompts, task.eval_demos):
+        assert n_tokens(p) <= 64 and n_tokens(p) + n_tokens(y) <= 96
+    # a shortened prompt is the end of the original one; nothing was dropped
+    assert len(task.demos) == len(before)
+    assert all(old.endswith(new[len(HUMAN):]) for old, (new, _) in zip(before, task.demos))
+    assert sum(old != new for old, (new, _) in zip(before, task.demos)) <= counts["prompts_truncated"]

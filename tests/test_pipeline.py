@@ -39,6 +39,7 @@ def test_smoke_pipeline_writes_valid_results(tmp_path):
         assert math.isfinite(p["golden_reward"]) and p["golden_reward_stderr"] >= 0
         assert 0 <= p["win_rate_vs_sft"] <= 1
     assert results["policies"][2]["golden_reward"] == 2.5  # the demonstrator is always right
+    assert results["golden_reward"]["kind"] == "program"
     assert [r["name"] for r in results["reward_models"]] == ["init_sft", "init_demo", "sft_demo", "pref", "logratio",
                                                              "ava_d", "ava_p"]
     assert all(0 <= r["heldout_accuracy"] <= 1 for r in results["reward_models"])
@@ -121,6 +122,8 @@ def test_hh_smoke_runs_the_whole_pipeline_on_the_fixture(tmp_path):
     assert len(results["policies"]) == 8 and len(results["reward_models"]) == 7
     assert all(math.isfinite(p["golden_reward"]) for p in results["policies"])
     assert {b["rm"] for b in results["best_of_n"]} == set(names_of(results))
+    assert results["golden_reward"]["kind"] == "gold reward model (a proxy)"
+    assert "a **proxy**" in (out / "report.md").read_text()
     gold = torch.load(out / "rm_gold.pt", weights_only=True)
     assert gold["stage_config"]["gold_rm_steps"] == 10
 
