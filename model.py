@@ -6,11 +6,13 @@ API
     GPTConfig                      hyperparameters (dataclass)
     GPT(config)                    the model
       .forward(idx, targets=None)  -> (logits (B, T, V), mean NLL loss or None)
-      .hidden(idx, pos=None, attn_mask=None, cache=None, cache_pos=0)
+      .hidden(idx, pos=None, attn_mask=None, cache=None, cache_pos=0, prefix=None)
                                    -> final hidden states (B, T, C) after ln_f
     token_logprobs(model, idx, targets)  -> (B, T) per-token log-probs, 0 at -100
     generate(model, prompts, n_samples, max_new_tokens, eos_id, ...)
-                                   -> (tokens, lengths), KV-cached sampling
+                                   -> (tokens, lengths), KV-cached sampling; a prompt's keys/values
+                                      are computed and stored once, shared by its n_samples rows
+    shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias)  -> the attention used for that
     configure_optimizer(model, lr, weight_decay, betas)  -> AdamW
     num_params(model)              -> number of (unique) parameters
 
@@ -58,7 +60,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, cache=None, cache_pos=0):
+    def forward(self, x, attn_mask=None, cache=None, cache_pos=0, prefix=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
@@ -67,10 +69,45 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, cache_pos:cache_pos + T] = k
             v_cache[:, :, cache_pos:cache_pos + T] = v
             k, v = k_cache[:, :, :cache_pos + T], v_cache[:, :, :cache_pos + T]  # (B, nh, T_total, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,  # (B, nh, T, hd)
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if prefix is not None:
+            y = shared_prefix_attention(q, k, v, attn_mask, *prefix)  # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias):
+    """Attention over a prefix of keys shared by groups of rows, then each row's own keys: what SDPA over the
+    concatenation [prefix keys of the row's group, own keys] computes (no dropout), but the prefix is stored
+    and read once per group, not once per row (Best-of-N: the n samples of a prompt share its keys).
+    q: (B, nh, T, hd); k, v: (B, nh, S, hd) the row's own keys; attn_mask: bool (B or 1, 1, T, S) or None.
+    k_pre, v_pre: (G, nh, L, hd), group g shared by rows g*n .. (g+1)*n-1 (n = B // G);
+    pre_bias: (G, 1, 1, L) added to the prefix scores, 0 (real key) or -inf (pad). Computed in float32,
+    like the scores inside SDPA's fused kernels, also under autocast."""
+    dtype, device_type = q.dtype, q.device.type
+    B, nh, T, hd = q.shape
+    G, L = k_pre.size(0), k_pre.size(2)
+    n, scale = B // G, 1 / math.sqrt(hd)  # SDPA's default scale
+
+    def grouped(x):  # (B, nh, T, d) -> (G*nh, n*T, d): the queries of a group side by side
+        return x.reshape(G, n, nh, T, -1).transpose(1, 2).reshape(G * nh, n * T, -1)
+
+    def ungrouped(x):  # (G*nh, n*T, d) -> (B, nh, T, d)
+        return x.reshape(G, nh, n, T, -1).transpose(1, 2).reshape(B, nh, T, -1)
+
+    with torch.autocast(device_type, enabled=False):
+        q, k, v, k_pre, v_pre = (t.float() for t in (q, k, v, k_pre, v_pre))
+        bias = pre_bias.float().expand(G, nh, 1, L).reshape(G * nh, 1, L)
+        s_pre = torch.baddbmm(bias, grouped(q), k_pre.reshape(G * nh, L, hd).transpose(1, 2), alpha=scale)
+        s_own = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, S)
+        if attn_mask is not None:
+            s_own = s_own.masked_fill(~attn_mask, float('-inf'))
+        w = torch.cat([ungrouped(s_pre), s_own], dim=-1).softmax(dim=-1)  # (B, nh, T, L + S)
+        w_pre, w_own = w.split([L, k.size(2)], dim=-1)
+        y = ungrouped(torch.bmm(grouped(w_pre), v_pre.reshape(G * nh, L, hd))) + w_own @ v  # (B, nh, T, hd)
+    return y.to(dtype)
 
 
 class MLP(nn.Module):
@@ -93,8 +130,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, cache_pos=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, cache_pos)
+    def forward(self, x, attn_mask=None, cache=None, cache_pos=0, prefix=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, cache_pos, prefix)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -137,21 +174,25 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden(self, idx, pos=None, attn_mask=None, cache=None, cache_pos=0):
+    def hidden(self, idx, pos=None, attn_mask=None, cache=None, cache_pos=0, prefix=None):
         """Final hidden states (B, T, C) after ln_f.
         idx: (B, T) token ids. pos: (B, T) position ids, default cache_pos..cache_pos+T-1.
         attn_mask: bool (B, 1, T, T_total), True = may attend; T_total = cache_pos + T.
         cache: list (one per layer) of (k, v) tensors (B, n_head, T_max, head_dim), written in
-        place at cache_pos:cache_pos+T. Without cache and mask this is the plain causal path."""
+        place at cache_pos:cache_pos+T. Without cache and mask this is the plain causal path.
+        prefix: (prefix_cache, prefix_bias), keys/values every row attends to before its own cache
+        (the prompt in generate): prefix_cache a list (one per layer) of (k, v) (G, n_head, L, head_dim),
+        each shared by B // G consecutive rows; prefix_bias (G, 1, 1, L): 0 = real key, -inf = pad."""
         B, T = idx.size()
         if pos is None:
             assert cache_pos + T <= self.config.block_size, f"sequence of length {cache_pos + T} > block_size"
             pos = torch.arange(cache_pos, cache_pos + T, device=idx.device)  # (T,)
-        if cache is not None and attn_mask is None:  # causal mask aligned to the end of the cache
+        if cache is not None and attn_mask is None and T > 1:  # causal mask aligned to the end of the cache
             attn_mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=idx.device).tril(diagonal=cache_pos)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, None if cache is None else cache[i], cache_pos)  # (B, T, C)
+            layer_prefix = None if prefix is None else (*prefix[0][i], prefix[1])
+            x = block(x, attn_mask, None if cache is None else cache[i], cache_pos, layer_prefix)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, targets=None):
@@ -180,7 +221,9 @@ def _sample(logits, temperature, top_k, generator):
     """One token id per row from logits (R, V): greedy if temperature == 0."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (R,)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1:  # x / 1 == x exactly: skip the pass
+        logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]  # (R, 1)
         logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -194,7 +237,9 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
     Returns tokens (P*n_samples, max_new_tokens) and lengths (P*n_samples,); rows of prompt i are
     i*n_samples .. (i+1)*n_samples-1. A row ends with (and includes) eos_id and is padded with eos_id;
     its length counts the eos, or is max_new_tokens if it never produced one. temperature 0 = greedy.
-    The generator (if any) must live on the model's device."""
+    The generator (if any) must live on the model's device. Each prompt's prefix is computed once and its
+    keys/values are stored once, shared by its n_samples rows (shared_prefix_attention); each row caches
+    only its new tokens. One draw per step for all rows (_sample), also for rows that have ended."""
     cfg = model.config
     device = next(model.parameters()).device
     for i, p in enumerate(prompts):
@@ -215,18 +260,18 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
 
     # prefix pass, once per prompt: causal, pad keys masked out; the diagonal stays allowed so that
     # pad queries (outputs unused) never have an all-masked row, which gives NaN on some SDPA backends
-    T_max, hd = L + max_new_tokens, cfg.n_embd // cfg.n_head
+    hd = cfg.n_embd // cfg.n_head
     w = model.transformer.wte.weight
-    cache = [tuple(w.new_zeros(P, cfg.n_head, T_max, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
+    prompt_cache = [tuple(w.new_empty(P, cfg.n_head, L, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
     mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (P, 1, L, L)
-    logits = model.lm_head(model.hidden(idx, pos=pos, attn_mask=mask, cache=cache)[:, -1])  # (P, V)
+    logits = model.lm_head(model.hidden(idx, pos=pos, attn_mask=mask, cache=prompt_cache)[:, -1])  # (P, V)
 
-    # expand everything to P * n_samples rows
-    cache = [(k.repeat_interleave(n_samples, dim=0), v.repeat_interleave(n_samples, dim=0)) for k, v in cache]
+    # P * n_samples rows: the prompt's keys/values stay once per prompt, shared by its n_samples rows
+    # (prefix=, pad keys masked out), and each row caches only its new tokens (written before being read)
+    prefix = (prompt_cache, w.new_zeros(P, 1, 1, L).masked_fill(~real[:, None, None, :], float('-inf')))
+    cache = [tuple(w.new_empty(R, cfg.n_head, max_new_tokens, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
     logits = logits.repeat_interleave(n_samples, dim=0)  # (R, V)
-    key_ok = torch.ones(R, 1, 1, T_max, dtype=torch.bool, device=device)  # which cached keys are real
-    key_ok[:, 0, 0, :L] = real.repeat_interleave(n_samples, dim=0)
     next_pos = real.sum(dim=1).repeat_interleave(n_samples)  # (R,) position of the first new token
 
     tokens = torch.full((R, max_new_tokens), eos_id, dtype=torch.long, device=device)
@@ -237,12 +282,12 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
         tok = tok.masked_fill(done, eos_id)
         tokens[:, t] = tok
         finished = ~done & (tok == eos_id)
-        lengths[finished] = t + 1
+        lengths.masked_fill_(finished, t + 1)
         done |= finished
         if t == max_new_tokens - 1 or done.all():
             break
-        h = model.hidden(tok[:, None], pos=(next_pos + t)[:, None], attn_mask=key_ok[..., :L + t + 1],
-                         cache=cache, cache_pos=L + t)  # (R, 1, C)
+        h = model.hidden(tok[:, None], pos=(next_pos + t)[:, None], cache=cache, cache_pos=t,
+                         prefix=prefix)  # (R, 1, C)
         logits = model.lm_head(h[:, -1])  # (R, V)
 
     model.train(was_training)

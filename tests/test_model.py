@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, configure_optimizer, generate, token_logprobs
+from model import GPT, GPTConfig, configure_optimizer, generate, shared_prefix_attention, token_logprobs
 
 V, BLOCK = 50, 32
 
@@ -132,6 +132,65 @@ def test_generate_greedy_matches_full_forward_loop():
             assert lengths[r].item() == len(ref)
             assert tokens[r, :len(ref)].tolist() == ref
             assert (tokens[r, len(ref):] == eos_id).all()
+
+
+def sampling_reference(model, prompts, n_samples, max_new_tokens, eos_id, temperature, top_k, generator):
+    """generate() without any cache, padding or sharing: at each step a full forward of every row's own
+    sequence (its prompt + the tokens so far), then one draw for all P*n_samples rows at once, as generate
+    draws: temperature, top-k, softmax, torch.multinomial(probs, 1, generator) on the (R, V) logits. Rows
+    that have ended keep going (fed eos_id) and get eos_id, so the random draws are the same."""
+    rows = [list(p) for p in prompts for _ in range(n_samples)]
+    out = [[] for _ in rows]
+    for t in range(max_new_tokens):
+        logits = torch.stack([model(torch.tensor([r]))[0][0, -1] for r in rows]).float() / temperature  # (R, V)
+        if top_k is not None:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, float('-inf'))
+        tok = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1).tolist()
+        for r, (row, o) in enumerate(zip(rows, out)):
+            ended = bool(o) and o[-1] == eos_id
+            o.append(eos_id if ended else tok[r])
+            row.append(o[-1])
+        if all(eos_id in o for o in out):
+            break
+    tokens = [o + [eos_id] * (max_new_tokens - len(o)) for o in out]
+    lengths = [o.index(eos_id) + 1 if eos_id in o else max_new_tokens for o in out]
+    return torch.tensor(tokens), torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 8)])
+def test_generate_sampling_matches_no_cache_reference(temperature, top_k):
+    """Same seed, same tokens as the plain sampler above: the shared prompt cache, the padding and the
+    per-row caches change nothing (prompts of different lengths; some rows end early on eos)."""
+    model = tiny_model(sharp=True)
+    kw = dict(n_samples=3, max_new_tokens=10, temperature=temperature, top_k=top_k)
+    free, _ = sampling_reference(model, PROMPTS, eos_id=-1, generator=torch.Generator().manual_seed(0), **kw)
+    eos_id = free.flatten().mode().values.item()  # the most sampled token: rows stop at different steps
+    ref = sampling_reference(model, PROMPTS, eos_id=eos_id, generator=torch.Generator().manual_seed(0), **kw)
+    got = generate(model, PROMPTS, eos_id=eos_id, generator=torch.Generator().manual_seed(0), **kw)
+    assert (ref[1] < kw["max_new_tokens"]).any() and len(set(ref[1].tolist())) > 2  # early stops, at different steps
+    assert len(set(ref[0][:, 0].tolist())) > 1  # the samples differ
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_shared_prefix_attention_equals_sdpa_on_the_concatenation():
+    g = torch.Generator().manual_seed(0)
+    G, n, nh, L, S, T, hd = 3, 4, 2, 5, 6, 3, 8
+    q, k, v = (torch.randn(G * n, nh, T, hd, generator=g) for _ in range(3))
+    k, v = (torch.randn(G * n, nh, S, hd, generator=g) for _ in range(2))
+    k_pre, v_pre = (torch.randn(G, nh, L, hd, generator=g) for _ in range(2))
+    real = torch.ones(G, L, dtype=torch.bool)
+    real[0, :2] = real[2, :4] = False  # left padding of groups 0 and 2
+    bias = torch.zeros(G, 1, 1, L).masked_fill(~real[:, None, None, :], float('-inf'))
+    causal = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)  # (T, S): the end-aligned causal mask
+    for mask in (causal, None):
+        got = shared_prefix_attention(q, k, v, mask, k_pre, v_pre, bias)
+        own_ok = torch.ones(T, S, dtype=torch.bool) if mask is None else mask
+        full_mask = torch.cat([real.repeat_interleave(n, 0)[:, None, None, :].expand(-1, 1, T, L),
+                               own_ok.expand(G * n, 1, T, S)], dim=-1)
+        ref = F.scaled_dot_product_attention(q, torch.cat([k_pre.repeat_interleave(n, 0), k], 2),
+                                             torch.cat([v_pre.repeat_interleave(n, 0), v], 2), attn_mask=full_mask)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
 
 
 def test_generate_restores_training_flag():
