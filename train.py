@@ -4,14 +4,18 @@ The end-to-end Alignment-from-Demonstrations pipeline and its command line.
     python train.py                         # preset `cpu` (or `gpu` when CUDA is there)
     python train.py --preset=smoke          # the whole pipeline in under a minute (tests)
     python train.py --seed=1 --bon_n=16     # any Config field: --field=value
+    python train.py --task=hh --data_dir=DIR --init_from=gpt2   # HH-RLHF from pre-trained GPT-2
+    python train.py --preset=gpu-hh --data_dir=DIR              # the paper's setting, one GPU
     torchrun --standalone --nproc_per_node=2 train.py   # data-parallel on 2 GPUs (or CPU processes)
 
 Stages (each prints a one-line summary; long ones show a tqdm bar):
- 1. task      build the built-in task from the seed and its compact vocabulary
- 2. pretrain  pi_init: language modelling on mixed-quality dialogues (the unaligned base)
+ 1. task      build the built-in task from the seed (or read HH-RLHF) and its vocabulary
+ 2. pretrain  pi_init: language modelling on mixed-quality dialogues (the unaligned base),
+              or pre-trained GPT-2 weights (--init_from)
  3. sft       pi_sft: forward KL to the demonstrator = SFT on the demonstrations
  4. sample    pi_init and pi_sft on the reward-model prompts (negatives and positives)
- 5. rm        the reward models of reward.py (AfD's, pref, logratio, AVA-d and AVA-p), and
+ 5. rm        on real data first the gold reward model (the proxy golden reward); then the
+              reward models of reward.py (AfD's, pref, logratio, AVA-d and AVA-p), and
               their held-out accuracies
  6. policy    the trained methods of --methods, each from pi_sft: afd_adversarial,
               irl_iterated, irft, rl_init_sft, rl_ava_d (one RLOO step, afd.rloo_loss, for
@@ -978,7 +982,7 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained, gol
     # Best-of-N: N candidates of pi_sft per prompt, every reward model, every n <= N
     candidates = sample(pi_sft, prompts, N, cfg, vocab, cfg.seed + 7, "bon pi_sft")
     flat_prompts = [p for p in prompts for _ in range(N)]
-    g_cand = golden([p for p in prompts for _ in range(N)], candidates).view(P, N)
+    g_cand = golden(flat_prompts, candidates).view(P, N)
     wins = win_rate_indicator(g_cand, g["sft"][:, None])  # (P, N) vs the SFT response
     bon_rows = []
     for name, scorer in progress(scorers.items(), desc="score candidates"):
@@ -1002,11 +1006,8 @@ def stage_evaluate(cfg, task, vocab, tok, pi_init, pi_sft, scorers, trained, gol
 def token_rewards(ava, prompts, texts, responses, golden_rewards, cfg, vocab):
     """AVA's intermediate rewards on two evaluation responses, those with the highest and the
     lowest golden reward (the first of each): per response token, (text, mu, sigma)."""
-    order = torch.sort(golden_rewards, descending=True, stable=True).indices.tolist()
-    best = order[0]
-    worst = min(i for i in order if golden_rewards[i] == golden_rewards[order[-1]])
     rows = []
-    for i in dict.fromkeys([best, worst]):
+    for i in dict.fromkeys([int(golden_rewards.argmax()), int(golden_rewards.argmin())]):  # first of ties
         idx, targets, _ = data.make_batch([prompts[i]], [responses[i]], vocab.eot_id, cfg.device)
         mu, sigma = ava.token_rewards(idx, targets)                  # (1, T) each
         at = (targets[0] != -100).nonzero().squeeze(1)
