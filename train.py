@@ -476,6 +476,12 @@ def pairs_batch(pairs, cfg, vocab, **kw):
     return data.make_batch([p for p, _ in pairs], [r for _, r in pairs], vocab.eot_id, cfg.device, **kw)
 
 
+def triples_batch(triples, cfg, vocab):
+    """One batch of (prompt, better, worse) triples: the B better responses, then the B worse
+    ones (chosen/rejected, demonstration/sample)."""
+    return pairs_batch([(p, a) for p, a, _ in triples] + [(p, b) for p, _, b in triples], cfg, vocab)
+
+
 def batch_sampler(rows, cfg, vocab, name, **kw):
     """batch_at(step): this rank's batch of (prompt, response) token lists at a step. Rows are
     drawn 8 batches at a time and grouped by length, so that a batch holds little padding."""
@@ -714,7 +720,7 @@ def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
         batch_at = batch_sampler(tok["demos"], cfg, vocab, f"rm_{name}")
     elif name == "ava_p":
         def loss_of_batch(model, picked):
-            idx, targets, _ = pairs_batch([(p, c) for p, c, _ in picked] + [(p, r) for p, _, r in picked], cfg, vocab)
+            idx, targets, _ = triples_batch(picked, cfg, vocab)
             return ava_p_loss(model, idx, targets, cfg.ava_lambda, cfg.ava_gamma)
         batch_at = row_sampler([tok["pref"]], half, cfg, f"rm_{name}")
     elif name == "pref":
@@ -738,7 +744,7 @@ def train_reward_model(name, cfg, vocab, tok, samples, pi_init):
 def bradley_terry_loss_of(cfg, vocab):
     """loss_of_batch on (prompt, chosen, rejected) triples: reward.bradley_terry_loss."""
     def loss_of_batch(model, picked):
-        r = model(*pairs_batch([(p, c) for p, c, _ in picked] + [(p, r) for p, _, r in picked], cfg, vocab))
+        r = model(*triples_batch(picked, cfg, vocab))
         return bradley_terry_loss(r[:len(picked)], r[len(picked):])
     return loss_of_batch
 
@@ -878,10 +884,6 @@ def own_samples(policy, cfg, vocab, tok, name):
     samples = sample(policy, prompts, 1, cfg, vocab, stable_seed(cfg.seed, name), f"sample {name}")
     return [(p, tok["demos"][i][1], y) for p, i, y in zip(prompts, picked, samples)]
 
-
-def triples_batch(triples, cfg, vocab):
-    """One batch: the demonstrations of the triples, then their samples."""
-    return pairs_batch([(p, d) for p, d, _ in triples] + [(p, y) for p, _, y in triples], cfg, vocab)
 
 
 def triple_sampler(triples, cfg, name):
