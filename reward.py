@@ -131,9 +131,11 @@ class AVARewardModel(nn.Module):
         q_taken = q.gather(-1, y.unsqueeze(-1)).squeeze(-1)          # (B, T)
         logp_taken = q_taken - torch.logsumexp(q, dim=-1)            # (B, T)
         w = self.reward_head.weight.view(2, -1, h.shape[-1])         # (2, V, C): mean, log-std rows
-        b = self.reward_head.bias.view(2, -1)                        # (2, V)
-        mu = ((h * w[0][y]).sum(-1) + b[0][y]).float()               # (B, T), only the taken tokens' rows
-        log_sigma = ((h * w[1][y]).sum(-1) + b[1][y]).float()        # (B, T)
+        b = self.reward_head.bias.view(2, -1, 1)                     # (2, V, 1)
+        # only the taken tokens' rows, gathered by F.embedding: its CPU backward is deterministic,
+        # that of indexing (w[0][y]) is not, and made AVA's results vary in the last digits
+        mu, log_sigma = (((h * F.embedding(y, w[i])).sum(-1) + F.embedding(y, b[i]).squeeze(-1)).float()
+                         for i in (0, 1))                            # (B, T) each
         return [v.masked_fill(~mask, 0.0) for v in (mu, log_sigma, q_taken, logp_taken)]
 
     def token_rewards(self, idx, targets):
