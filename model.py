@@ -218,7 +218,13 @@ def token_logprobs(model, idx, targets):
 
 
 def _sample(logits, temperature, top_k, generator):
-    """One token id per row from logits (R, V): greedy if temperature == 0."""
+    """One token id per row from logits (R, V): greedy if temperature == 0, else a draw from
+    p = softmax(logits / temperature) (restricted to the top_k logits) by inverse CDF:
+        token = min { i : cdf_i >= u * cdf_V },   cdf_i = p_1 + ... + p_i,   u ~ U(0, 1]
+    one uniform per row, no token with p_i = 0 ever drawn. cdf and u are float64, so probabilities
+    down to ~1e-16 are drawn at their own rate. The same distribution as torch.multinomial(p, 1)
+    (which draws an exponential for every token of every row, and which HF generate uses), but
+    not the same tokens for a given seed; on CPU about 20x cheaper (bench.py)."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (R,)
     logits = logits.float()
@@ -227,8 +233,9 @@ def _sample(logits, temperature, top_k, generator):
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]  # (R, 1)
         logits = logits.masked_fill(logits < kth, float('-inf'))
-    probs = F.softmax(logits, dim=-1)  # (R, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (R,)
+    cdf = torch.cumsum(F.softmax(logits, dim=-1), dim=-1, dtype=torch.float64)  # (R, V)
+    u = 1 - torch.rand(cdf.size(0), 1, dtype=torch.float64, device=cdf.device, generator=generator)  # (R, 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)  # (R,)
 
 
 @torch.no_grad()

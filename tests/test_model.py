@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, configure_optimizer, generate, shared_prefix_attention, token_logprobs
+from model import GPT, GPTConfig, _sample, configure_optimizer, generate, shared_prefix_attention, token_logprobs
 
 V, BLOCK = 50, 32
 
@@ -137,16 +137,13 @@ def test_generate_greedy_matches_full_forward_loop():
 def sampling_reference(model, prompts, n_samples, max_new_tokens, eos_id, temperature, top_k, generator):
     """generate() without any cache, padding or sharing: at each step a full forward of every row's own
     sequence (its prompt + the tokens so far), then one draw for all P*n_samples rows at once, as generate
-    draws: temperature, top-k, softmax, torch.multinomial(probs, 1, generator) on the (R, V) logits. Rows
-    that have ended keep going (fed eos_id) and get eos_id, so the random draws are the same."""
+    draws (model._sample on the (R, V) logits; its distribution is tested on its own below). Rows that have
+    ended keep going (fed eos_id) and get eos_id, so the random draws are the same."""
     rows = [list(p) for p in prompts for _ in range(n_samples)]
     out = [[] for _ in rows]
     for t in range(max_new_tokens):
-        logits = torch.stack([model(torch.tensor([r]))[0][0, -1] for r in rows]).float() / temperature  # (R, V)
-        if top_k is not None:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-            logits = logits.masked_fill(logits < kth, float('-inf'))
-        tok = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1).tolist()
+        logits = torch.stack([model(torch.tensor([r]))[0][0, -1] for r in rows])  # (R, V)
+        tok = _sample(logits, temperature, top_k, generator).tolist()
         for r, (row, o) in enumerate(zip(rows, out)):
             ended = bool(o) and o[-1] == eos_id
             o.append(eos_id if ended else tok[r])
@@ -156,6 +153,27 @@ def sampling_reference(model, prompts, n_samples, max_new_tokens, eos_id, temper
     tokens = [o + [eos_id] * (max_new_tokens - len(o)) for o in out]
     lengths = [o.index(eos_id) + 1 if eos_id in o else max_new_tokens for o in out]
     return torch.tensor(tokens), torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.5, None), (1.0, 3), (0.7, 2)])
+def test_sample_draws_from_the_tempered_top_k_softmax(temperature, top_k):
+    """The inverse-CDF draw: token frequencies over 200k rows within 5 standard errors of
+    softmax(logits / temperature) restricted to the top_k; probability-0 tokens (-inf logit, outside
+    the top k) never drawn, also when they come first or last in the row."""
+    logits = torch.tensor([float('-inf'), 2.0, 0.5, -1.0, 1.2, float('-inf'), -3.0, float('-inf')])
+    R = 200_000
+    draws = _sample(logits.expand(R, -1), temperature, top_k, torch.Generator().manual_seed(0))
+    kept = logits.clone()
+    if top_k is not None:
+        kept[logits < torch.topk(logits, top_k).values[-1]] = float('-inf')
+    p = F.softmax(kept / temperature, dim=0).double()
+    freq = torch.bincount(draws, minlength=len(logits)).double() / R
+    assert (freq[p == 0] == 0).all()
+    se = (p * (1 - p) / R).sqrt()
+    assert ((freq - p).abs() <= 5 * se).all(), (freq, p)
+    # and a different seed gives different draws
+    other = _sample(logits.expand(R, -1), temperature, top_k, torch.Generator().manual_seed(1))
+    assert not torch.equal(draws, other)
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 8)])
