@@ -10,9 +10,11 @@ SDPA attention), measured side by side in one run, at each model size of --sizes
      hf        GPT2LMHeadModel.generate(do_sample=True, num_return_sequences=N, top_k=0,
                max_new_tokens=min_new_tokens=L, eos_token_id=None)
      no-cache  our model, a full forward of the whole (P*N, prompt + generated) sequence at every step
-     kernel    the sampling step alone, L times: softmax + torch.multinomial on (P*N, V) logits. Both
-               generate loops make these same calls (P*N*V random draws per step, serial on CPU), so
-               the table also shows ours / HF with this shared time taken out of both.
+     draws     the draw alone, L times on random (P*N, V) logits, each side's own: ours (model._sample:
+               softmax, a float64 cdf, one uniform per row, searchsorted) and HF's (softmax +
+               torch.multinomial, which draws an exponential per token and row: P*N*V per step). The
+               table shows each side's share of time in its draws, and ours / HF with them taken out
+               of both, i.e. what the model side alone gains.
 2. Training, tokens/s of one forward + backward + AdamW step on the same random (B, T) batch, ours vs
    hf (the same cross-entropy over all B*T positions on both sides), and model-FLOPs utilisation:
      FLOPs/token = 6 N + 12 n_layer n_embd T   (the PaLM estimate, as in nanoGPT's estimate_mfu;
@@ -249,12 +251,20 @@ def sample_no_cache(model, prompts, s, device):
 
 
 @torch.no_grad()
-def sample_kernel_only(prompts, s, device):
-    """Only the sampling step both generate loops run L times: softmax + torch.multinomial (model._sample)
-    on (P*N, V) float32 logits; its random draws (P*N*V per step) are the same work in ours and HF."""
+def draws_only(draw, prompts, s, device):
+    """Only the draws a generate loop makes: L calls of draw(logits, generator) on (P*N, V) float32 logits."""
     g = torch.Generator(device=device).manual_seed(s.seed)
     logits = torch.randn(len(prompts) * s.samples, s.vocab_size, generator=g, device=device)
-    return sum(_sample(logits, 1.0, None, g).numel() for _ in range(s.new_tokens))
+    return sum(draw(logits, g).numel() for _ in range(s.new_tokens))
+
+
+def draw_ours(logits, g):
+    return _sample(logits, 1.0, None, g)  # inverse CDF: one uniform per row
+
+
+def draw_hf(logits, g):
+    """What HF generate(do_sample=True) does per step after its logits processors (none active here)."""
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=g).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -300,9 +310,10 @@ def bench_size(n_layer, n_embd, s, device, peak_flops):
 
     samplers = {"ours": lambda: sample_ours(ours, prompts, s, device),
                 "hf": lambda: sample_hf(hf, prompts, s, device),
-                "kernel": lambda: sample_kernel_only(prompts, s, device)}
+                "draws-ours": lambda: draws_only(draw_ours, prompts, s, device),
+                "draws-hf": lambda: draws_only(draw_hf, prompts, s, device)}
     if hf is None:
-        del samplers["hf"]
+        del samplers["hf"], samplers["draws-hf"]
     print(f"  {n_layer}x{n_embd}: sampling", file=sys.stderr, flush=True)
     with autocast(device):
         res["sampling"] = measure(samplers, device, s.reps, s.warmup)
@@ -346,19 +357,21 @@ def sampling_table(results, s):
            f"no top-k, no EOS.",
            "",
            "| model | ours | HF generate | no-cache loop | ours / HF | ours / no-cache "
-           "| sampling kernel, share of ours | ours / HF without the kernel | peak MB (+MB): ours / HF / no-cache |",
+           "| draws, share of time: ours / HF | ours / HF without the draws | peak MB (+MB): ours / HF / no-cache |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         sm = r["sampling"]
         sec = {k: v["sec"] for k, v in sm.items()}
         tps = [fmt(sm[k]["tok_per_s"], ".0f") if k in sm else "-" for k in ("ours", "hf", "no-cache")]
-        share = 100 * sec["kernel"] / sec["ours"] if "kernel" in sec else None
-        rest = (sec["hf"] - sec["kernel"]) / (sec["ours"] - sec["kernel"]) if "kernel" in sec and "hf" in sec else None
+        share = [fmt(100 * sec[d] / sec[k], ".0f", "%") if k in sec else "-"
+                 for k, d in (("ours", "draws-ours"), ("hf", "draws-hf"))]
+        rest = (sec["hf"] - sec["draws-hf"]) / (sec["ours"] - sec["draws-ours"]) if "hf" in sec else None
         out.append(f"| {size_name(r)} | {' | '.join(tps)} | {fmt(ratio(r, 'sampling', 'ours', 'hf'), '.2f', 'x')} "
-                   f"| {fmt(ratio(r, 'sampling', 'ours', 'no-cache'), '.1f', 'x')} | {fmt(share, '.0f', '%')} "
+                   f"| {fmt(ratio(r, 'sampling', 'ours', 'no-cache'), '.1f', 'x')} | {' / '.join(share)} "
                    f"| {fmt(rest, '.2f', 'x')} | {' / '.join(mem(sm.get(k)) for k in ('ours', 'hf', 'no-cache'))} |")
-    out += ["", "Sampling kernel: softmax + torch.multinomial on (P*N, V) float32 logits, L times: the same calls, "
-                "with the same P*N*V random draws per step, in ours and in HF generate."]
+    out += ["", "Draws: L steps on (P*N, V) float32 logits. Ours: softmax, float64 cdf, one uniform per row, "
+                "searchsorted (model._sample). HF: softmax + torch.multinomial, an exponential per token and row. "
+                "The same distribution; not the same tokens."]
     return out
 
 
