@@ -81,6 +81,7 @@ class Settings:
     warmup: int = 1
     reps: int = 5
     slow_reps: int = 1           # timed repetitions of the no-cache sampler (0 = skip it)
+    peak_n: int = 2048           # CPU peak: an n x n float32 matmul
     seed: int = 0
 
 
@@ -417,7 +418,7 @@ def main():
     device = torch.device(s.device)
     if transformers is None:
         print("transformers is not installed (pip install -r requirements-dev.txt): measuring ours only")
-    peak_flops, peak_how = matmul_peak(device)
+    peak_flops, peak_how = matmul_peak(device, s.peak_n)
     _, was_reset = reset_peak_memory(device)
     env = dict(device=device_name(device), torch=torch.__version__,
                transformers=transformers.__version__ if transformers else None,
