@@ -224,7 +224,7 @@ def _sample(logits, temperature, top_k, generator):
     one uniform per row, no token with p_i = 0 ever drawn. cdf and u are float64, so probabilities
     down to ~1e-16 are drawn at their own rate. The same distribution as torch.multinomial(p, 1)
     (which draws an exponential for every token of every row, and which HF generate uses), but
-    not the same tokens for a given seed; on CPU about 20x cheaper (bench.py)."""
+    not the same tokens for a given seed; on CPU 14-16x cheaper (bench.py, 128 rows x 2048 tokens)."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (R,)
     logits = logits.float()

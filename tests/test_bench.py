@@ -8,7 +8,8 @@ import pytest
 import bench
 
 TINY = ["--sizes=1x64", "--reps=1", "--warmup=0", "--slow_reps=1", "--prompts=2", "--prompt_len=5",
-        "--samples=3", "--new_tokens=4", "--batch=2", "--seq_len=16", "--block_size=32", "--vocab_size=50", "--peak_n=256"]
+        "--samples=3", "--new_tokens=4", "--batch=2", "--seq_len=16", "--block_size=32", "--vocab_size=50",
+        "--peak_n=256"]
 
 
 def run_bench(tmp_path, monkeypatch, capsys):
