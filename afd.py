@@ -1,42 +1,55 @@
 """
-Alignment from Demonstrations: the KL objectives and Best-of-N (METHOD.md section 1).
+The methods of alignment from demonstrations, in the order METHOD.md presents them. Each
+objective is a short function whose docstring carries its formula; each method is one
+function that reads top to bottom, its phases numbered.
 
-- `sft_loss`: forward KL to the demonstrator = cross-entropy on demonstration responses.
-- `discriminator_loss`: the reverse-KL/adversarial discriminator; reward models of the
-  `init_sft`, `init_demo` and `sft_demo` kind are trained with exactly this loss.
-- Best-of-N: `best_of_n` picks the highest-reward candidate; `best_of_n_estimate` evaluates
-  best-of-n for every n <= N from one draw of N samples (unbiased order statistics);
-  `kl_bound` is the analytic KL(pi_BoN || pi_sft) bound.
-- Evaluation helpers: `mean_stderr`, `win_rate`.
-- Policy optimisation (METHOD.md sections 1 and 2): `rloo_advantages` and
-  `policy_gradient_loss` (one RLOO step on a KL-penalised reward, written once for the
-  adversarial, iterated-IRL and fixed-reward methods), `kl_estimate`, and `irft_loss` (the
-  implicit-reward / SPIN objective).
+    sft_loss                    2   forward KL = SFT on the demonstrations
+    discriminator_loss          3   reverse KL: the discriminator's classification loss
+    sample_batch                4   one sampling step: K responses per prompt, as tensors
+    rloo_advantages, policy_gradient_loss, rloo_loss
+                                4   the RLOO policy-gradient loss with a KL penalty
+    adversarial_step, afd_adversarial
+                                5   the adversarial method (GAIL-style)
+    rl_step, rl_on_reward       6   RL on a fixed reward (a tailored reward model, AVA-d)
+    irl_round, irl_iterated     7   iterated IRL with an explicit reward
+    irft_loss, irft_stage, irft 8   IRFT (the implicit reward; one stage is SPIN)
+    best_of_n, best_of_n_estimate, kl_bound
+                                9   Best-of-N and its every-n estimator
+    mean_stderr, win_rate_indicator, kl_estimate
+                                11  evaluation
 
-Every function takes tensors and returns tensors; the pipeline is in train.py.
+A step function (adversarial_step, rl_step) returns the policy's loss for one optimiser step
+(adversarial_step takes the discriminator's own step first, in plain sight); the policy's
+optimiser step (gradient clipping, AdamW, the learning-rate schedule) is train.fit's.
+A whole method (afd_adversarial, rl_on_reward, irl_iterated, irft) is handed `run`, train.py's
+plumbing, which does nothing specific to a method:
+    run.train(model, name, loss_of_batch, batch_at, steps, lr)   `steps` AdamW steps on
+        loss_of_batch(model, batch_at(step)), checkpointed and resumable, saved as <name>.pt
+        (loaded instead when <name>.pt is up to date)
+    run.policy_batches(label)        batch_at(step) -> PolicyBatch: a step's prompts
+    run.triple_batches(triples, label)  batch_at(step) -> a batch of B better, then B worse rows
+    run.demonstrations(label)        a random subset of the demonstration prompts, with theirs
+    run.sample(policy, prompts, label)  one response per prompt (split across processes)
+    run.data_parallel(model)         the model, wrapped for data parallelism under torchrun
+`label` names a random stream: the same label, the same draws.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from data import make_batch
-from model import generate, token_logprobs
+from model import (configure_optimizer, frozen_copy, generate, masked_mean, sequence_logprob, token_logprobs,
+                   trainable_copy)
+from reward import RewardModel, pairwise_loss
 
 
-def masked_mean(values, mask):
-    """sum(values * mask) / max(sum(mask), 1): a mean over the unmasked entries, 0 if none."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def sequence_logprob(model, idx, targets):
-    """log d^pi(y|x) = sum_t log pi(y_t | x, y_<t), one value per row: (B,)."""
-    return token_logprobs(model, idx, targets).sum(dim=1)
-
+# ----------------------------------------------------------------------------------------
+# 2. Forward KL: SFT
 
 def sft_loss(model, idx, targets):
-    """Forward KL = SFT (METHOD.md section 1, mass-covering):
+    """Forward KL to the demonstrator = SFT (METHOD.md section 2, mass-covering):
 
     min_pi E_x KL(d^beta || d^pi) = const - E_{(x, y^E) ~ D_demo} sum_t log pi(y^E_t | x, y^E_<t),
     here as a mean over response tokens (targets == -100 on prompt and padding).
@@ -44,8 +57,12 @@ def sft_loss(model, idx, targets):
     return -masked_mean(token_logprobs(model, idx, targets), targets != -100)
 
 
+# ----------------------------------------------------------------------------------------
+# 3. Reverse KL: the discriminator
+
 def discriminator_loss(r_pos, r_neg):
-    """The AfD discriminator / pointwise reward-model loss on logits r = logit(D(x, y)):
+    """The discriminator's loss on logits r = logit D(x, y) (METHOD.md section 3); the
+    tailored reward models init_sft, init_demo and sft_demo are trained with it too:
 
     L = -E_pos log sigma(r(x, y)) - E_neg log(1 - sigma(r(x, y))).
     Its optimum is D* = d_pos / (d_pos + d_neg), i.e. r* = log d_pos(y|x) - log d_neg(y|x):
@@ -54,44 +71,28 @@ def discriminator_loss(r_pos, r_neg):
     return -F.logsigmoid(r_pos).mean() - F.logsigmoid(-r_neg).mean()
 
 
-def best_of_n(scores):
-    """Best-of-N selection: scores (P, N) reward of N candidates per prompt -> (P,) argmax."""
-    return scores.argmax(dim=1)
+# ----------------------------------------------------------------------------------------
+# 4. The policy gradient: one sampling step, then the RLOO loss on its tensors
+
+@dataclass
+class PolicyBatch:
+    """The inputs of one policy step (train.py's run.policy_batches makes one per step)."""
+    prompts: list                # P demonstration prompts (token lists)
+    demonstrations: list         # their demonstrated responses (token lists)
+    eos_id: int                  # the end-of-text token: ends a sampled response, pads a batch
+    generator: torch.Generator   # this step's random draws, on the policy's device
 
 
-def order_statistic_weights(N, n):
-    """w_i = C(i-1, n-1) / C(N, n), i = 1..N: P(the best of a random n-subset is the i-th)."""
-    return torch.tensor([math.comb(i - 1, n - 1) / math.comb(N, n) for i in range(1, N + 1)],
-                        dtype=torch.float64)
-
-
-def best_of_n_estimate(rm_scores, values, n):
-    """Unbiased estimate of E[value of the best-of-n response] from N >= n samples per prompt.
-
-    Sort the N samples by reward-model score, ascending, values v_(1..N):
-    E[value of best-of-n] = sum_{i=n..N} C(i-1, n-1) / C(N, n) * v_(i).
-    rm_scores, values: (P, N) -> (P,) float64. Ties in score are broken by index.
-    """
-    order = torch.sort(rm_scores, dim=1, stable=True).indices
-    v_sorted = torch.gather(values.double(), 1, order)  # (P, N) ascending by score
-    return v_sorted @ order_statistic_weights(values.shape[1], n)
-
-
-def kl_bound(n):
-    """KL(pi_BoN || pi_sft) <= log N - (N - 1) / N."""
-    return math.log(n) - (n - 1) / n
-
-
-def win_rate_indicator(golden, golden_ref):
-    """1 if the response beats the reference response of its prompt, 1/2 on a tie, else 0."""
-    return (golden > golden_ref).double() + 0.5 * (golden == golden_ref).double()
-
-
-def mean_stderr(values):
-    """Mean and standard error of the mean over prompts."""
-    values = torch.as_tensor(values, dtype=torch.float64)
-    se = values.std(unbiased=True) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return float(values.mean()), float(se)
+@torch.no_grad()
+def sample_batch(policy, prompts, group_size, max_new_tokens, eos_id, generator, temperature=1.0):
+    """One sampling step (METHOD.md section 4): y_i ~ pi(.|x), group_size of them per prompt.
+    Returns the batch (idx, targets, last) of data.make_batch, rows prompt-major: the
+    group_size samples of the first prompt, then those of the second, ..."""
+    model = getattr(policy, "module", policy)  # a DistributedDataParallel wrapper samples through its module
+    tokens, lengths = generate(model, prompts, group_size, max_new_tokens, eos_id, temperature, None, generator)
+    responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
+    return make_batch([p for p in prompts for _ in range(group_size)], responses, eos_id,
+                      next(model.parameters()).device)
 
 
 def rloo_advantages(rewards):
@@ -107,9 +108,9 @@ def rloo_advantages(rewards):
 
 
 def policy_gradient_loss(logp, logp_ref, mask, rewards, group_size, beta_kl):
-    """One RLOO policy-gradient step with a per-token KL penalty to a frozen reference.
-
-    Rows are K = group_size samples y_i ~ pi(.|x) of each prompt, prompt-major:
+    """The RLOO policy-gradient loss with a per-token KL penalty to a frozen reference
+    (METHOD.md section 4). Rows are K = group_size samples y_i ~ pi(.|x) of each prompt,
+    prompt-major:
       r~_i = r(x, y_i) - beta_kl * sum_t [log pi(y_i,t | s_t) - log pi_ref(y_i,t | s_t)]
       A_i  = r~_i - mean_{j != i} r~_j                    (rloo_advantages)
       L    = -mean_i A_i * sum_t log pi(y_i,t | s_t)       (REINFORCE; A is a constant)
@@ -124,39 +125,147 @@ def policy_gradient_loss(logp, logp_ref, mask, rewards, group_size, beta_kl):
     return loss, kl
 
 
-def rloo_loss(policy, ref, reward_of, prompts, group_size, beta_kl, max_new_tokens, eos_id,
-              generator, temperature=1.0, train_policy=None):
-    """The policy-gradient step of every policy-optimisation method, written once.
-
-    Draws group_size responses y ~ pi(.|x) per prompt (token lists), rewards them with
-    reward_of(idx, targets, last) -> (B,), and returns (policy_gradient_loss, stats). The
-    methods differ only in reward_of and ref. train_policy is the module to differentiate
-    through (the policy, or its DistributedDataParallel wrapper); gradient clipping and the
-    optimizer step are the caller's (train.fit).
-    """
-    device = next(policy.parameters()).device
+def rloo_loss(policy, ref, samples, rewards, group_size, beta_kl):
+    """policy_gradient_loss on a sampled batch (sample_batch) and its rewards (B,): the
+    reference's log-probs are constants, the policy's carry the gradient.
+    Returns (loss, stats): the mean reward and the mean KL to the reference of the samples."""
+    idx, targets, _ = samples
     with torch.no_grad():
-        tokens, lengths = generate(policy, prompts, group_size, max_new_tokens, eos_id,
-                                   temperature, None, generator)
-    responses = [row[:k] for row, k in zip(tokens.tolist(), lengths.tolist())]
-    idx, targets, last = make_batch([p for p in prompts for _ in range(group_size)], responses,
-                                    eos_id, device)
-    with torch.no_grad():
-        rewards = reward_of(idx, targets, last).float()             # (B,)
-        logp_ref = token_logprobs(ref, idx, targets)                # (B, T)
-    logp = token_logprobs(train_policy or policy, idx, targets)     # (B, T)
+        logp_ref = token_logprobs(ref, idx, targets)                 # (B, T)
+    logp = token_logprobs(policy, idx, targets)                      # (B, T)
     loss, kl = policy_gradient_loss(logp, logp_ref, targets != -100, rewards, group_size, beta_kl)
     return loss, {"reward": rewards.mean().item(), "kl": kl.mean().item()}
 
 
-def kl_estimate(logp_pi, logp_ref):
-    """Monte-Carlo KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] from sequence
-    log-probs (B,) of samples y ~ pi; returns (mean, standard error)."""
-    return mean_stderr((logp_pi - logp_ref).detach())
+# ----------------------------------------------------------------------------------------
+# 5. The adversarial method: reverse KL to the demonstrator
 
+def adversarial_step(policy, ref, disc, disc_opt, batch, cfg):
+    """One step of adversarial imitation (METHOD.md section 5): a discriminator step, then the
+    policy-gradient loss on the reward r(x, y) = logit D(x, y), KL-penalised to ref (pi_sft).
+
+    disc is trained to tell demonstrations (label 1) from the policy's samples (label 0) with
+    discriminator_loss; at its optimum r = log d^beta(y|x) - log d^pi(y|x), so maximising
+    E_pi[r] minimises the reverse KL(d^pi || d^beta). batch is a PolicyBatch; the policy's
+    optimiser step is the caller's. Returns (loss, stats).
+    """
+    K = cfg.pg_group
+    # 1. sample K responses per prompt from the current policy
+    samples = sample_batch(policy, batch.prompts, K, cfg.max_new_tokens, batch.eos_id, batch.generator,
+                           cfg.temperature)
+    demos = make_batch(batch.prompts, batch.demonstrations, batch.eos_id, samples[0].device)
+    # 2. one discriminator step: the demonstrations against the samples
+    disc.train()
+    r_demo, r_sample = disc(*demos), disc(*samples)                  # (P,), (P*K,)
+    disc_loss = discriminator_loss(r_demo, r_sample)
+    disc_opt.zero_grad(set_to_none=True)
+    disc_loss.backward()
+    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+    disc_opt.step()
+    disc.eval()
+    disc_acc = 0.5 * float((r_demo > 0).float().mean() + (r_sample < 0).float().mean())
+    # 3. the rewards: the updated discriminator's logits on the samples, constants
+    with torch.no_grad():
+        rewards = disc(*samples).float()                             # (P*K,)
+    # 4. the policy-gradient loss
+    loss, stats = rloo_loss(policy, ref, samples, rewards, K, cfg.beta_kl)
+    return loss, {**stats, "disc_acc": disc_acc}
+
+
+def afd_adversarial(pi_init, pi_sft, run, cfg):
+    """The adversarial method, whole: from pi_sft, alternate a discriminator step and a policy
+    step for cfg.pg_steps steps (the discriminator starts from pi_init's trunk):
+
+        for step in range(pg_steps):
+            loss = adversarial_step(pi, pi_sft, D, ...)   # D's step is inside
+            AdamW step of pi on loss                       # train.fit
+    """
+    policy, ref = trainable_copy(pi_sft), frozen_copy(pi_sft)
+    disc = RewardModel.from_policy(pi_init).to(next(pi_init.parameters()).device)
+    disc_opt = configure_optimizer(disc, cfg.disc_lr, cfg.weight_decay)
+    disc_parallel = run.data_parallel(disc)
+    run.train(policy, "policy_afd_adversarial",
+              lambda pi, batch: adversarial_step(pi, ref, disc_parallel, disc_opt, batch, cfg),
+              run.policy_batches("adversarial"), cfg.pg_steps, cfg.pg_lr,
+              aux=(disc, disc_opt))  # the discriminator is checkpointed with the policy
+    return policy
+
+
+# ----------------------------------------------------------------------------------------
+# 6. RL on a fixed reward
+
+def rl_step(policy, ref, reward_model, batch, cfg):
+    """One policy-gradient step on a fixed reward model r (METHOD.md section 6):
+    maximise E_{y ~ pi}[r(x, y)] - beta_kl KL(pi || ref) with RLOO. Returns (loss, stats)."""
+    # 1. sample K responses per prompt from the current policy
+    samples = sample_batch(policy, batch.prompts, cfg.pg_group, cfg.max_new_tokens, batch.eos_id,
+                           batch.generator, cfg.temperature)
+    # 2. the rewards, constants
+    with torch.no_grad():
+        rewards = reward_model(*samples).float()                     # (P*K,)
+    # 3. the policy-gradient loss
+    return rloo_loss(policy, ref, samples, rewards, cfg.pg_group, cfg.beta_kl)
+
+
+def rl_on_reward(name, pi_sft, reward_model, run, cfg):
+    """RL from pi_sft on an already trained reward model (init_sft: AfD's tailored reward
+    model used for training rather than reranking; ava_d: AVA's sum_t mu_t), KL to pi_sft:
+
+        for step in range(pg_steps):
+            AdamW step of pi on rl_step(pi, pi_sft, r, ...)
+    """
+    policy, ref = trainable_copy(pi_sft), frozen_copy(pi_sft)
+    run.train(policy, f"policy_{name}", lambda pi, batch: rl_step(pi, ref, reward_model, batch, cfg),
+              run.policy_batches(name), cfg.pg_steps, cfg.pg_lr)
+    return policy
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Iterated IRL with an explicit reward
+
+def irl_round(k, policy, reward_model, triples, run, cfg):
+    """Round k of iterated IRL (METHOD.md section 7), from pi_k = policy:
+      1. sample y~ ~ pi_k(.|x) on a random subset of the demonstration prompts;
+      2. aggregate: P_k = P_{k-1} + {(x, y^E, y~)};
+      3. reward steps: L_R = -E_{P_k} log sigma(r(x, y^E) - r(x, y~)) (Bradley-Terry, the
+         demonstration always the winner: no preference labels);
+      4. policy steps: maximise E_{y ~ pi}[r(x, y)] - beta_kl KL(pi || pi_k), giving pi_{k+1}.
+    policy and reward_model are trained in place; returns P_k.
+    """
+    # 1. sample: pi_k answers the round's demonstration prompts
+    prompts, demonstrations = run.demonstrations(f"irl_round{k}")
+    own = run.sample(policy, prompts, f"irl_round{k}")
+    # 2. aggregate the (prompt, demonstration, own sample) triples of every round so far
+    triples = triples + list(zip(prompts, demonstrations, own))
+    # 3. reward steps: the demonstration beats pi_k's own sample
+    run.train(reward_model, f"rm_irl_iterated_round{k}", pairwise_loss, run.triple_batches(triples, f"irl_rm{k}"),
+              cfg.irl_rm_steps, cfg.rm_lr)
+    # 4. policy steps on the round's fixed reward, KL to pi_k
+    ref, reward = frozen_copy(policy), frozen_copy(reward_model)
+    run.train(policy, f"policy_irl_iterated_round{k}", lambda pi, batch: rl_step(pi, ref, reward, batch, cfg),
+              run.policy_batches(f"irl{k}"), max(1, cfg.pg_steps // cfg.irl_rounds), cfg.pg_lr)
+    return triples
+
+
+def irl_iterated(pi_init, pi_sft, run, cfg):
+    """Iterated IRL, whole: pi_0 = pi_sft, a reward model from pi_init's trunk, P_{-1} = {}:
+
+        for k in range(irl_rounds):
+            P_k = irl_round(k, pi_k, r, P_{k-1})    # pi_k -> pi_{k+1}, r trained further
+    """
+    policy = trainable_copy(pi_sft)
+    reward_model = RewardModel.from_policy(pi_init).to(next(pi_init.parameters()).device)
+    triples = []
+    for k in range(cfg.irl_rounds):
+        triples = irl_round(k, policy, reward_model, triples, run, cfg)
+    return policy
+
+
+# ----------------------------------------------------------------------------------------
+# 8. IRFT: the implicit reward
 
 def irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, beta):
-    """IRFT (METHOD.md section 2; SPIN is one stage): the implicit reward beta*log(pi/pi_t) in a
+    """IRFT (METHOD.md section 8; SPIN is one stage): the implicit reward beta*log(pi/pi_t) in a
     DPO-shaped loss, the demonstration winning over the model's own sample y~ ~ pi_t:
 
     L = -E log sigma(beta [log pi(y^E|x)/pi_t(y^E|x) - log pi(y~|x)/pi_t(y~|x)]).
@@ -164,3 +273,90 @@ def irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, beta):
     """
     margin = (logp_demo - logp_ref_demo) - (logp_sample - logp_ref_sample)
     return -F.logsigmoid(beta * margin).mean()
+
+
+def irft_stage(t, policy, run, cfg):
+    """Stage t of IRFT (METHOD.md section 8), from pi_t = policy (trained in place):
+      1. sample y~ ~ pi_t(.|x) on a random subset of the demonstration prompts;
+      2. freeze pi_t, the reference of the implicit reward beta log(pi / pi_t);
+      3. steps on irft_loss, the demonstration winning over pi_t's own sample.
+    """
+    # 1. sample: pi_t answers the stage's demonstration prompts
+    prompts, demonstrations = run.demonstrations(f"irft{t}")
+    triples = list(zip(prompts, demonstrations, run.sample(policy, prompts, f"irft{t}")))
+    # 2. the frozen reference
+    ref = frozen_copy(policy)
+
+    # 3. steps on the IRFT loss; a batch holds B demonstrations, then the B samples
+    def loss_of_batch(pi, batch):
+        idx, targets, _ = batch
+        logp = sequence_logprob(pi, idx, targets)                    # (2B,)
+        with torch.no_grad():
+            logp_ref = sequence_logprob(ref, idx, targets)           # (2B,)
+        B = logp.shape[0] // 2
+        return irft_loss(logp[:B], logp_ref[:B], logp[B:], logp_ref[B:], cfg.irft_beta)
+    run.train(policy, f"policy_irft_stage{t}", loss_of_batch, run.triple_batches(triples, f"irft{t}"),
+              max(1, cfg.pg_steps // cfg.irft_stages), cfg.pg_lr)
+
+
+def irft(pi_sft, run, cfg):
+    """IRFT, whole: pi_0 = pi_sft;
+
+        for t in range(irft_stages):
+            irft_stage(t, pi_t)                      # pi_t -> pi_{t+1}
+    """
+    policy = trainable_copy(pi_sft)
+    for t in range(cfg.irft_stages):
+        irft_stage(t, policy, run, cfg)
+    return policy
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Best-of-N
+
+def best_of_n(scores):
+    """Best-of-N selection: scores (P, N) reward of N candidates per prompt -> (P,) argmax."""
+    return scores.argmax(dim=1)
+
+
+def order_statistic_weights(N, n):
+    """w_i = C(i-1, n-1) / C(N, n), i = 1..N: P(the best of a random n-subset is the i-th)."""
+    return torch.tensor([math.comb(i - 1, n - 1) / math.comb(N, n) for i in range(1, N + 1)],
+                        dtype=torch.float64)
+
+
+def best_of_n_estimate(rm_scores, values, n):
+    """Unbiased estimate of E[value of the best-of-n response] from N >= n samples per prompt
+    (METHOD.md section 9). Sort the N samples by reward-model score, ascending, values v_(1..N):
+    E[value of best-of-n] = sum_{i=n..N} C(i-1, n-1) / C(N, n) * v_(i).
+    rm_scores, values: (P, N) -> (P,) float64. Ties in score are broken by index.
+    """
+    order = torch.sort(rm_scores, dim=1, stable=True).indices
+    v_sorted = torch.gather(values.double(), 1, order)  # (P, N) ascending by score
+    return v_sorted @ order_statistic_weights(values.shape[1], n)
+
+
+def kl_bound(n):
+    """KL(pi_BoN || pi_sft) <= log n - (n - 1) / n."""
+    return math.log(n) - (n - 1) / n
+
+
+# ----------------------------------------------------------------------------------------
+# 11. Evaluation
+
+def win_rate_indicator(golden, golden_ref):
+    """1 if the response beats the reference response of its prompt, 1/2 on a tie, else 0."""
+    return (golden > golden_ref).double() + 0.5 * (golden == golden_ref).double()
+
+
+def mean_stderr(values):
+    """Mean and standard error of the mean over prompts."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    se = values.std(unbiased=True) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(se)
+
+
+def kl_estimate(logp_pi, logp_ref):
+    """Monte-Carlo KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] from sequence
+    log-probs (B,) of samples y ~ pi; returns (mean, standard error)."""
+    return mean_stderr((logp_pi - logp_ref).detach())

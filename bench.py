@@ -48,11 +48,12 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, _sample, configure_optimizer, generate
+from model import GPT, GPTConfig, _sample, atomic_write, configure_optimizer, generate
 
 try:
     import transformers
@@ -429,8 +430,8 @@ def main():
     results = [bench_size(n_layer, n_embd, s, device, peak_flops) for n_layer, n_embd in sizes]
     env["total_sec"] = time.perf_counter() - t0
     print(markdown(results, s, env))
-    with open(s.out, "w") as f:
-        json.dump(dict(settings=asdict(s), env=env, results=results), f, indent=1)
+    text = json.dumps(dict(settings=asdict(s), env=env, results=results), indent=1)
+    atomic_write(s.out, lambda tmp: Path(tmp).write_text(text))
     print(f"\n(wrote {s.out}; {env['total_sec']:.0f} s)")
 
 

@@ -424,6 +424,17 @@ class Task:
         yield from self.eval_prompts
         yield from self.eval_demos
 
+    def encoded(self, encode):
+        """The splits as token lists, named as the pipeline uses them."""
+        return {"pretrain": [(encode(p), encode(r)) for p, r in self.pretrain],
+                "demos": [(encode(p), encode(r)) for p, r in self.demos],
+                "rm_prompts": [encode(p) for p in self.rm_prompts],
+                "pref": [(encode(p), encode(c), encode(r)) for p, c, r in self.pref_pairs],
+                "heldout": [tuple(encode(t) for t in row) for row in self.heldout],
+                "eval_prompts": [encode(p) for p in self.eval_prompts],
+                "eval_demos": [encode(r) for r in self.eval_demos],
+                "gold": [(encode(p), encode(c), encode(r)) for p, c, r in self.gold_pairs]}
+
 
 def _unique_prompts(rng, n, taken, multi_turn_prob):
     out = []
@@ -732,6 +743,41 @@ def build_hh_task(train_pairs, test_pairs, seed, n_pretrain, n_demo, n_rm, n_hel
     sizes = {"gold": len(gold), "demo": len(demo), "rm": len(rm), "pretrain": len(pretrain),
              "heldout": len(heldout), "eval": len(evaluate)}
     return task, sizes
+
+
+def read_hh_task(data_dir, subset, skip_bad_lines, seed, n_pretrain, n_demo, n_rm, n_heldout, n_eval, n_gold):
+    """build_hh_task on the train and test files of data_dir (read_hh). Returns (task, notes):
+    notes are lines for the log (what was read and skipped, splits that ran short). A split
+    left empty is a DataError."""
+    pairs, notes = {}, []
+    for split in ("train", "test"):
+        pairs[split], counts = read_hh(data_dir, subset, split, skip_bad_lines)
+        notes.append(f"{split}: " + hh_summary(counts))
+    task, sizes = build_hh_task(pairs["train"], pairs["test"], seed, n_pretrain, n_demo, n_rm, n_heldout,
+                                n_eval, n_gold)
+    asked = {"gold": n_gold, "demo": n_demo, "rm": n_rm, "heldout": n_heldout, "eval": n_eval}
+    short = [f"{k} {sizes[k]} of {n}" for k, n in asked.items() if sizes[k] < n]
+    if short:
+        notes.append(f"the data ran short, these splits are smaller than asked: {', '.join(short)}")
+    empty = [k for k in asked if sizes[k] == 0]
+    if empty:
+        raise DataError(f"--data_dir={data_dir}: not enough distinct prompts for the {', '.join(empty)} "
+                        f"split(s) ({sizes}); lower --n_gold/--n_demo/--n_rm or give more data")
+    return task, notes
+
+
+def check_context(splits, demo_source, block_size, max_new_tokens):
+    """A DataError naming the first dialogue longer than the context (demo_source names each
+    demonstration, e.g. its file and line), or a prompt with no room for max_new_tokens."""
+    rows = [(f"pre-training dialogue {i + 1}", p, r) for i, (p, r) in enumerate(splits["pretrain"])]
+    for where, p, r in rows + list(zip(demo_source, *zip(*splits["demos"]))):
+        if len(p) + len(r) > block_size:
+            raise DataError(f"{where} has {len(p) + len(r)} tokens, more than the context --block_size="
+                            f"{block_size}; shorten it or raise block_size")
+    longest_prompt = max(map(len, splits["rm_prompts"] + splits["eval_prompts"]))
+    if longest_prompt + max_new_tokens > block_size:
+        raise DataError(f"a prompt of {longest_prompt} tokens + --max_new_tokens={max_new_tokens} exceeds "
+                        f"--block_size={block_size}; lower max_new_tokens or raise block_size")
 
 
 def fit_to_context(task, block_size, max_new_tokens):

@@ -9,12 +9,17 @@ API
       .hidden(idx, pos=None, attn_mask=None, cache=None, cache_pos=0, prefix=None)
                                    -> final hidden states (B, T, C) after ln_f
     token_logprobs(model, idx, targets)  -> (B, T) per-token log-probs, 0 at -100
+    sequence_logprob(model, idx, targets)  -> (B,) log-prob of each response, the sum of the above
+    masked_mean(values, mask)      -> the mean over the unmasked entries (0 when there are none)
     generate(model, prompts, n_samples, max_new_tokens, eos_id, ...)
                                    -> (tokens, lengths), KV-cached sampling; a prompt's keys/values
                                       are computed and stored once, shared by its n_samples rows
     shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias)  -> the attention used for that
     configure_optimizer(model, lr, weight_decay, betas)  -> AdamW
     num_params(model)              -> number of (unique) parameters
+    memory_bytes(config, batch_size, sample_rows)  -> rough peak bytes of training and of sampling
+    trainable_copy(policy), frozen_copy(model)  -> copies of a model to train, or to hold fixed
+    atomic_write(path, write)      -> write a file through a temporary one and a rename
 
 Pre-trained GPT-2 (Hugging Face layout, model.safetensors):
     GPT.from_gpt2(name_or_path, cache_dir=None, dropout=0.0)  -> GPT with the GPT-2 weights
@@ -25,6 +30,7 @@ Pre-trained GPT-2 (Hugging Face layout, model.safetensors):
 
 Module names follow nanoGPT / GPT-2 so that GPT-2 weights can be loaded.
 """
+import copy
 import json
 import math
 import os
@@ -217,14 +223,25 @@ def token_logprobs(model, idx, targets):
     return out.masked_fill(~mask, 0.0)
 
 
+def masked_mean(values, mask):
+    """sum(values * mask) / max(sum(mask), 1): a mean over the unmasked entries, 0 if there are none."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sequence_logprob(model, idx, targets):
+    """log d^pi(y|x) = sum_t log pi(y_t | x, y_<t), one value per row: (B,)."""
+    return token_logprobs(model, idx, targets).sum(dim=1)
+
+
 def _sample(logits, temperature, top_k, generator):
     """One token id per row from logits (R, V): greedy if temperature == 0, else a draw from
     p = softmax(logits / temperature) (restricted to the top_k logits) by inverse CDF:
         token = min { i : cdf_i >= u * cdf_V },   cdf_i = p_1 + ... + p_i,   u ~ U(0, 1]
     one uniform per row, no token with p_i = 0 ever drawn. cdf and u are float64, so probabilities
-    down to ~1e-16 are drawn at their own rate. The same distribution as torch.multinomial(p, 1)
-    (which draws an exponential for every token of every row, and which HF generate uses), but
-    not the same tokens for a given seed; on CPU 14-16x cheaper (bench.py, 128 rows x 2048 tokens)."""
+    down to ~1e-16 are drawn at their own rate. The same distribution as torch.multinomial(p, 1),
+    which draws an exponential for every token of every row, but not the same tokens for a given
+    seed (the README's Performance section has the measured cost of each)."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (R,)
     logits = logits.float()
@@ -313,6 +330,49 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def memory_bytes(config, batch_size, sample_rows):
+    """A rough, generous estimate of the peak memory in bytes (float32: 4 bytes a number) of
+    training this model on batch_size sequences, and of sampling sample_rows rows at once;
+    returns (training, sampling)."""
+    C, L, T, V = config.n_embd, config.n_layer, config.block_size, config.vocab_size
+    params = 12 * L * C * C + (V + T) * C  # a block: 4 C^2 in attention, 8 C^2 in the MLP; embeddings
+    # AdamW: weights, gradients and two moments (16 bytes a parameter); the activations kept for
+    # the backward, per token: about 34 C numbers a block (LayerNorm inputs, q, k, v, the attention
+    # output, the 4C-wide MLP before and after its GELU, residuals), the attention weights
+    # (n_head T a token, ~5 copies through mask, softmax and dropout), and 3 V for the logits
+    training = 16 * params + 4 * batch_size * T * (L * (34 * C + 5 * config.n_head * T) + 3 * V)
+    # sampling: the weights, and per row its key/value cache (2 L T C) and ~4 copies of the
+    # next-token logits (the logits, their softmax, its cumulative sum, and the float64 draw)
+    sampling = 4 * params + 4 * sample_rows * (2 * L * T * C + 4 * V)
+    return training, sampling
+
+
+def trainable_copy(model):
+    """A trainable copy of a policy: a fresh GPT with the same weights, on the same device."""
+    clone = GPT(model.config).to(next(model.parameters()).device)
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def frozen_copy(model):
+    """A frozen copy of a model (the reference of a KL term, a fixed scorer): no gradients, eval mode."""
+    model = copy.deepcopy(model)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def atomic_write(path, write):
+    """Every file the project writes goes through here: write(tmp_path) fills a temporary file
+    beside path, which then replaces path in one rename, so path is always whole or absent."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,15 +525,14 @@ def gpt2_safetensors(name_or_path, cache_dir=None):
 
 
 def download(url, dst, name):
-    """Fetch url into dst atomically (a .tmp file, then os.replace): dst is whole or absent."""
+    """Fetch url into dst atomically (atomic_write): dst is whole or absent."""
     print(f"downloading {url} -> {dst}")
-    tmp = dst + ".tmp"
-    try:
+
+    def fetch(tmp):
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             shutil.copyfileobj(r, f, length=1 << 20)
+    try:
+        atomic_write(dst, fetch)
     except OSError as e:  # URLError, HTTPError, timeouts, disk errors
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise RuntimeError(f"cannot download {name} ({url}: {e}); download model.safetensors yourself "
                            f"and pass --init_from=PATH/model.safetensors") from None
-    os.replace(tmp, dst)

@@ -1,35 +1,34 @@
 """
-Reward models (METHOD.md section 1, "the practical AfD algorithm").
+Reward models and their losses (METHOD.md sections 6 and 10).
 
 A `RewardModel` is the policy's GPT trunk with a scalar head read at the last response
 token. Its training data decides what it is:
 
 | name      | negatives            | positives            | loss                          |
 |-----------|----------------------|----------------------|-------------------------------|
-| init_sft  | y ~ pi_init(.|x)     | y ~ pi_sft(.|x)      | afd.discriminator_loss        |
-| init_demo | y ~ pi_init(.|x)     | demonstrations y^E   | afd.discriminator_loss        |
-| sft_demo  | y ~ pi_sft(.|x)      | demonstrations y^E   | afd.discriminator_loss        |
-| pref      | rejected response    | chosen response      | bradley_terry_loss            |
+| init_sft  | y ~ pi_init(.|x)     | y ~ pi_sft(.|x)      | afd.discriminator_loss         |
+| init_demo | y ~ pi_init(.|x)     | demonstrations y^E   | afd.discriminator_loss         |
+| sft_demo  | y ~ pi_sft(.|x)      | demonstrations y^E   | afd.discriminator_loss         |
+| pref      | rejected response    | chosen response      | pairwise_loss (Bradley-Terry)  |
 | logratio  | -                    | -                    | none: log pi_sft - log pi_init |
-| ava_d     | -                    | demonstrations y^E   | ava_d_loss (METHOD.md sec. 3) |
-| ava_p     | rejected response    | chosen response      | ava_p_loss (METHOD.md sec. 3) |
+| ava_d     | -                    | demonstrations y^E   | ava_d_loss (METHOD.md sec. 10) |
+| ava_p     | rejected response    | chosen response      | ava_p_loss (METHOD.md sec. 10) |
 
 AVA (`AVARewardModel`, arXiv 2411.09341 after AVRIL) is Bayesian IRL: on the same trunk it
 has a token-level reward head, a Gaussian N(mu_t, sigma_t^2) per response position, and a Q
 head over the vocabulary; its sequence reward is sum_t mu_t.
 
 Every reward model is used through one interface: `scorer(idx, targets, last) -> (B,)`,
-on batches made by data.make_batch. The training loops are in train.py.
+on batches made by data.make_batch. train.py trains them (its reward-model stage).
 """
-import copy
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from afd import masked_mean, sequence_logprob
-from model import GPT
+from data import make_batch
+from model import GPT, frozen_copy, masked_mean, sequence_logprob
 
 POINTWISE = {"init_sft": ("init", "sft"), "init_demo": ("init", "demo"),
              "sft_demo": ("sft", "demo")}  # name -> (negatives, positives)
@@ -42,6 +41,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.trunk = GPT(config)
         self.head = nn.Linear(config.n_embd, 1)
         nn.init.zeros_(self.head.weight)  # starts at r = 0 for every response
@@ -65,6 +65,14 @@ def bradley_terry_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
+def pairwise_loss(model, batch):
+    """bradley_terry_loss of a reward model on a batch whose rows are B better responses, then
+    the B worse ones of the same prompts (chosen/rejected, or demonstration/sample)."""
+    rewards = model(*batch)                                          # (2B,)
+    B = rewards.shape[0] // 2
+    return bradley_terry_loss(rewards[:B], rewards[B:])
+
+
 class LogRatioReward(nn.Module):
     """r(x, y) = log pi_sft(y|x) - log pi_init(y|x): no training.
 
@@ -82,7 +90,7 @@ class LogRatioReward(nn.Module):
 
 
 class AVARewardModel(nn.Module):
-    """AVA's reward model (METHOD.md section 3): a GPT trunk with two heads, both read from
+    """AVA's reward model (METHOD.md section 10): a GPT trunk with two heads, both read from
     the hidden state h_t of state s_t = (x, y_<=t) and indexed by the response token y_{t+1}.
 
     - reward head: (mu_t, log sigma_t) of q(R_t) = N(mu_t, sigma_t^2), the posterior over the
@@ -92,14 +100,12 @@ class AVARewardModel(nn.Module):
     - Q head: Q(s_t, .) over the vocabulary, an untied copy of the LM head (so at the start
       softmax(Q) is the policy the trunk came from).
     Positions follow data.make_batch: targets[b, t] = y_{t+1} on response tokens, -100 elsewhere.
-    (A single (mu, log sigma) read from the hidden state after y_{t+1}, which we tried first,
-    fits the demonstrations too but gives every sequence about the same reward: on the toy of
-    tests/test_reward.py it put demonstrations above random sequences for 18-60% of prompts
-    after 200-300 steps, this head for 100%.)
+    (Why a row per token rather than one (mu, log sigma) per position: see the README's AVA notes.)
     """
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.trunk = GPT(config)
         self.reward_head = nn.Linear(config.n_embd, 2 * config.vocab_size)  # (mu, log sigma) per token
         self.q_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -133,7 +139,7 @@ class AVARewardModel(nn.Module):
         w = self.reward_head.weight.view(2, -1, h.shape[-1])         # (2, V, C): mean, log-std rows
         b = self.reward_head.bias.view(2, -1, 1)                     # (2, V, 1)
         # only the taken tokens' rows, gathered by F.embedding: its CPU backward is deterministic,
-        # that of indexing (w[0][y]) is not, and made AVA's results vary in the last digits
+        # that of indexing (w[0][y]) sums repeated rows in a thread-dependent order
         mu, log_sigma = (((h * F.embedding(y, w[i])).sum(-1) + F.embedding(y, b[i]).squeeze(-1)).float()
                          for i in (0, 1))                            # (B, T) each
         return [v.masked_fill(~mask, 0.0) for v in (mu, log_sigma, q_taken, logp_taken)]
@@ -142,6 +148,16 @@ class AVARewardModel(nn.Module):
         """(mu, sigma), each (B, T): the per-token reward posterior (0 and 1 off the mask)."""
         mu, log_sigma, _, _ = self(idx, targets, per_token=True)
         return mu, log_sigma.exp()
+
+    @torch.no_grad()
+    def token_table(self, prompt, response, eos_id, decode):
+        """One response's rewards token by token: {"sequence_reward": sum_t mu_t, "tokens":
+        [(text, mu, sigma) of each response token]}; prompt and response are token lists."""
+        idx, targets, _ = make_batch([prompt], [response], eos_id, next(self.parameters()).device)
+        mu, sigma = self.token_rewards(idx, targets)                 # (1, T) each
+        at = (targets[0] != -100).nonzero().squeeze(1)
+        return {"sequence_reward": float(mu.sum()),
+                "tokens": [(decode([int(targets[0, t])]), float(mu[0, t]), float(sigma[0, t])) for t in at]}
 
 
 def gaussian_kl_to_prior(mu, log_sigma):
@@ -162,7 +178,7 @@ def td_differences(q_taken, mask, gamma):
 
 
 def ava_token_objective(model, idx, targets, lam, gamma):
-    """AVA's per-token ELBO (METHOD.md section 3), to be maximised, and the sequence reward:
+    """AVA's per-token ELBO (METHOD.md section 10), to be maximised, and the sequence reward:
 
     log softmax(Q(s_t, .))[y_{t+1}] - KL(N(mu_t, sigma_t^2) || N(0,1))
         + lam * log N(Q(s_t, y_{t+1}) - gamma Q(s_{t+1}, y_{t+2}); mu_t, sigma_t^2)
@@ -193,13 +209,6 @@ def ava_p_loss(model, idx, targets, lam, gamma):
     objective, mask, reward = ava_token_objective(model, idx, targets, lam, gamma)
     B = idx.shape[0] // 2
     return -masked_mean(objective[:B], mask[:B]) + bradley_terry_loss(reward[:B], reward[B:])
-
-
-def frozen_copy(model):
-    """A frozen copy of a model (reference models of KL terms, fixed scorers)."""
-    model = copy.deepcopy(model)
-    model.requires_grad_(False)
-    return model.eval()
 
 
 @torch.no_grad()
