@@ -8,15 +8,10 @@ import torch
 import afd
 import reward
 from data import make_batch
-from model import GPT, GPTConfig
+from model import frozen_copy, generate, sequence_logprob
 
 
-def tiny_gpt(vocab=12, seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=16, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16))
-
-
-def test_sft_loss_is_the_masked_response_nll_and_never_nan():
+def test_sft_loss_is_the_masked_response_nll_and_never_nan(tiny_gpt):
     model = tiny_gpt()
     idx = torch.randint(0, 12, (2, 6))
     targets = torch.full((2, 6), -100)
@@ -91,7 +86,7 @@ def train_steps(model, loss_fn, steps=60, lr=3e-3):
 
 
 @pytest.mark.parametrize("kind", ["classifier", "bradley_terry"])
-def test_reward_model_losses_fall_on_separable_toy_data(kind):
+def test_reward_model_losses_fall_on_separable_toy_data(kind, tiny_gpt):
     rm = reward.RewardModel.from_policy(tiny_gpt())
     pos, neg = toy_sequences(True), toy_sequences(False, seed=1)
     last = torch.full((16,), 5)
@@ -105,7 +100,7 @@ def test_reward_model_losses_fall_on_separable_toy_data(kind):
     assert reward.pairwise_accuracy(rm(held_pos, None, last), rm(held_neg, None, last)) == 1.0
 
 
-def test_reward_model_reads_the_last_response_token_and_ignores_padding():
+def test_reward_model_reads_the_last_response_token_and_ignores_padding(tiny_gpt):
     rm = reward.RewardModel.from_policy(tiny_gpt())
     torch.nn.init.normal_(rm.head.weight)
     idx = torch.randint(0, 12, (1, 8))
@@ -114,14 +109,14 @@ def test_reward_model_reads_the_last_response_token_and_ignores_padding():
     assert not torch.allclose(rm(idx, None, torch.tensor([7])), rm(idx, None, torch.tensor([6])))
 
 
-def test_logratio_reward_is_the_difference_of_sequence_logprobs():
+def test_logratio_reward_is_the_difference_of_sequence_logprobs(tiny_gpt):
     pi_init, pi_sft = tiny_gpt(seed=0), tiny_gpt(seed=1)
     scorer = reward.LogRatioReward(pi_sft, pi_init)
     assert not any(p.requires_grad for p in scorer.parameters())
     idx = torch.randint(0, 12, (3, 6))
     targets = torch.full((3, 6), -100)
     targets[:, 2:5] = idx[:, 3:6]
-    expected = afd.sequence_logprob(pi_sft, idx, targets) - afd.sequence_logprob(pi_init, idx, targets)
+    expected = sequence_logprob(pi_sft, idx, targets) - sequence_logprob(pi_init, idx, targets)
     assert torch.allclose(scorer(idx, targets), expected)
     same = reward.LogRatioReward(pi_init, pi_init)
     assert torch.allclose(same(idx, targets), torch.zeros(3), atol=1e-6)
@@ -168,17 +163,16 @@ def test_policy_gradient_is_zero_when_all_rewards_are_equal():
     assert (logits.grad == 0).all()
 
 
-def test_kl_estimate_is_zero_for_the_same_weights_and_positive_otherwise():
-    from model import generate
+def test_kl_estimate_is_zero_for_the_same_weights_and_positive_otherwise(tiny_gpt):
     policy = tiny_gpt(seed=1)
-    ref = reward.frozen_copy(policy)
+    ref = frozen_copy(policy)
     tokens, lengths = generate(policy, [[1, 2, 3], [4, 5]], 8, 6, eos_id=0, generator=torch.Generator().manual_seed(0))
     prompts = [[1, 2, 3]] * 8 + [[4, 5]] * 8
     idx, targets, _ = make_batch(prompts, [t[:k] for t, k in zip(tokens.tolist(), lengths.tolist())], 0)
-    logp, logp_ref = afd.sequence_logprob(policy, idx, targets), afd.sequence_logprob(ref, idx, targets)
+    logp, logp_ref = sequence_logprob(policy, idx, targets), sequence_logprob(ref, idx, targets)
     assert afd.kl_estimate(logp, logp_ref)[0] == 0.0
     other = tiny_gpt(seed=2)
-    assert afd.kl_estimate(logp, afd.sequence_logprob(other, idx, targets))[0] > 0
+    assert afd.kl_estimate(logp, sequence_logprob(other, idx, targets))[0] > 0
 
 
 def test_irft_loss_matches_the_hand_computed_value_and_is_log2_at_the_reference():

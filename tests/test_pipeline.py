@@ -2,8 +2,6 @@
 import gzip
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HH_FIXTURE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_smoke_pipeline_writes_valid_results(tmp_path):
+def test_smoke_pipeline_writes_valid_results(run, tmp_path):
     out = tmp_path / "out"
     proc = run("--preset=smoke", f"--out_dir={out}", "--device=cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -29,12 +22,14 @@ def test_smoke_pipeline_writes_valid_results(tmp_path):
                      "rl_ava_d"]
     for p in results["policies"][3:]:  # the trained policies: a Monte-Carlo KL to pi_sft
         assert math.isfinite(p["kl_to_sft"]) and p["kl_to_sft_stderr"] >= 0
-    for name in ["policy_adversarial", "policy_irl0", "policy_irl1", "policy_irft0", "policy_irft1", "policy_rl_init_sft",
-                 "policy_rl_ava_d"]:
+    for name in ["policy_afd_adversarial", "policy_irl_iterated_round0", "policy_irl_iterated_round1",
+                 "policy_irft_stage0", "policy_irft_stage1", "policy_rl_init_sft", "policy_rl_ava_d"]:
         curve = [json.loads(line) for line in (out / f"{name}.curve.jsonl").read_text().splitlines()]
         assert curve and all(math.isfinite(r["loss"]) for r in curve)
-        assert ("disc_acc" in curve[0]) == (name == "policy_adversarial")
+        assert ("disc_acc" in curve[0]) == (name == "policy_afd_adversarial")
         assert ("reward" in curve[0]) == ("irft" not in name)
+    for k in (0, 1):  # iterated IRL's reward model, one run per round
+        assert all((out / f"rm_irl_iterated_round{k}{ext}").exists() for ext in (".pt", ".curve.jsonl"))
     for p in results["policies"]:
         assert math.isfinite(p["golden_reward"]) and p["golden_reward_stderr"] >= 0
         assert 0 <= p["win_rate_vs_sft"] <= 1
@@ -63,7 +58,7 @@ def test_smoke_pipeline_writes_valid_results(tmp_path):
     assert "## AVA-d per-token rewards" in report and "| token | mean | std |" in report
 
 
-def test_methods_option_picks_the_methods(tmp_path):
+def test_methods_option_picks_the_methods(run, tmp_path):
     out = tmp_path / "out"
     proc = run("--preset=smoke", f"--out_dir={out}", "--device=cpu", "--methods=irft")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -71,14 +66,14 @@ def test_methods_option_picks_the_methods(tmp_path):
     assert [p["name"] for p in results["policies"]] == ["init", "sft", "demonstrations", "irft"]
     assert results["best_of_n"] == []
     proc = run("--preset=smoke", f"--out_dir={out}", "--methods=bon,ppo")
-    assert proc.returncode == 2 and "--methods: unknown ppo" in proc.stderr
+    assert proc.returncode == 2 and "--methods: unknown 'ppo'" in proc.stderr
 
 
 def names_of(results):
     return [r["name"] for r in results["reward_models"]]
 
 
-def test_unknown_option_and_bad_value_are_one_clear_error(tmp_path):
+def test_unknown_option_and_bad_value_are_one_clear_error(run, tmp_path):
     proc = run("--presett=smoke")
     assert proc.returncode == 2 and "unknown option --presett" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -100,7 +95,7 @@ def test_unknown_option_and_bad_value_are_one_clear_error(tmp_path):
         assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
 
 
-def test_hh_smoke_runs_the_whole_pipeline_on_the_fixture(tmp_path):
+def test_hh_smoke_runs_the_whole_pipeline_on_the_fixture(run, tmp_path):
     if not HH_FIXTURE.exists():
         pytest.skip(f"the HH-RLHF fixture {HH_FIXTURE} is not there (../shared beside the project)")
     lines = gzip.open(HH_FIXTURE, "rt", encoding="utf-8").read().splitlines(keepends=True)
@@ -128,7 +123,7 @@ def test_hh_smoke_runs_the_whole_pipeline_on_the_fixture(tmp_path):
     assert gold["stage_config"]["gold_rm_steps"] == 10
 
 
-def test_init_from_gpt2_safetensors_runs_the_pipeline(tmp_path):
+def test_init_from_gpt2_safetensors_runs_the_pipeline(run, tmp_path):
     """--init_from=PATH/model.safetensors: pi_init is the given GPT-2 (the full 50257-token
     vocabulary), no pre-training; here a tiny random one in the Hugging Face layout."""
     from model import GPT, GPTConfig

@@ -21,11 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--preset=smoke", "--device=cpu", "--pretrain_steps=300", "--ckpt_every=25"]
 
 
-def run(*args, **kw):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, **kw)
-
-
 def comparable(out_dir):
     """results.json without what may differ between two equal runs (wall time, out dir)."""
     results = json.loads((Path(out_dir) / "results.json").read_text())
@@ -39,7 +34,7 @@ def digests(out_dir):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(run, tmp_path_factory):
     """One uninterrupted run; tests copy its out dir rather than change it."""
     out = tmp_path_factory.mktemp("finished")
     proc = run(*ARGS, f"--out_dir={out}")
@@ -47,7 +42,7 @@ def finished(tmp_path_factory):
     return out
 
 
-def test_killed_run_resumes_to_the_same_results(finished, tmp_path):
+def test_killed_run_resumes_to_the_same_results(run, finished, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "train.py", *ARGS, f"--out_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -65,7 +60,7 @@ def test_killed_run_resumes_to_the_same_results(finished, tmp_path):
     assert comparable(out) == comparable(finished)  # bit-identical on the CPU
 
 
-def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(finished, tmp_path):
+def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(run, finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     same = run(*ARGS, f"--out_dir={out}")
@@ -73,9 +68,9 @@ def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(finished, tmp_pa
     assert comparable(out) == comparable(finished)
     changed = run(*ARGS, f"--out_dir={out}", "--rm_lr=1e-3")
     assert changed.returncode == 0, changed.stderr[-2000:]
-    for stage, path in [("pretrain", "pi_init.pt"), ("sft", "pi_sft.pt"), ("sample", "samples.pt")]:
-        assert f"[{stage}] up to date: {out / path}" in changed.stdout
-    assert "rm_init_sft.pt was made with another config: redoing it" in changed.stdout
+    for label, path in [("pi_init", "pi_init.pt"), ("pi_sft", "pi_sft.pt"), ("sample", "samples.pt")]:
+        assert f"[{label}] up to date: {out / path}" in changed.stdout
+    assert f"[rm_init_sft] {out / 'rm_init_sft.pt'} was made with another config: redoing it" in changed.stdout
     assert comparable(out)["config"]["rm_lr"] == 1e-3
     assert comparable(out)["policies"][:3] == comparable(finished)["policies"][:3]  # same pi_init, pi_sft
     assert comparable(out)["reward_models"] != comparable(finished)["reward_models"]
@@ -90,7 +85,7 @@ def demo_line(prompt="\n\nHuman: Hi there\n\nAssistant:", response=" Hello!"):
     return json.dumps({"prompt": prompt, "response": response})
 
 
-def test_bad_inputs_are_one_clear_error_and_keep_earlier_files(finished, tmp_path):
+def test_bad_inputs_are_one_clear_error_and_keep_earlier_files(run, finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     before = digests(out)
@@ -130,7 +125,7 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+def test_a_checkpoint_that_would_run_code_is_refused(run, tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "pi_init.pt"
     torch.save({"model": RunsCode(marker)}, evil)

@@ -1,4 +1,4 @@
-"""AVA (reward.AVARewardModel and its objective, METHOD.md section 3): closed forms, the TD
+"""AVA (reward.AVARewardModel and its objective, METHOD.md section 10): closed forms, the TD
 term, training on a toy demonstration set, and padding invariance."""
 import math
 import random

@@ -1,0 +1,205 @@
+"""The methods of afd.py on tiny models: one sampling step, the adversarial and RL steps, a
+round of iterated IRL and a stage of IRFT through a real train.Run; and train.py's command line."""
+import dataclasses
+import json
+import math
+import os
+import re
+import types
+
+import pytest
+import torch
+
+import afd
+import data
+import train
+from model import configure_optimizer, frozen_copy, trainable_copy
+from reward import RewardModel
+
+VOCAB = data.Vocab(range(11))  # 11 tokens and the end of text: 12 ids, EOS = 11
+EOS = VOCAB.eot_id
+DEMOS = [([1, 2, 3], [2, 3, EOS]), ([4, 5], [5, EOS]), ([6, 7, 8, 9], [9, 1, EOS]), ([10, 1], [1, 10, EOS]),
+         ([3, 3, 2], [2, EOS])]  # (prompt, demonstration), distinct prompts of different lengths
+PROMPTS = [p for p, _ in DEMOS[:3]]
+# the fields a step function reads (any object has them; a train.Config does)
+STEP_CFG = types.SimpleNamespace(pg_group=4, max_new_tokens=4, temperature=1.0, beta_kl=0.1, grad_clip=1.0)
+
+
+def policy_batch(seed=0):
+    return afd.PolicyBatch(PROMPTS, [r for _, r in DEMOS[:3]], EOS, torch.Generator().manual_seed(seed))
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def changed(before, model):
+    return any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def tiny_run(out_dir, **overrides):
+    """A train.Run on out_dir: the DEMOS, tiny batches, a few steps of each run."""
+    cfg = train.Config(out_dir=str(out_dir), device="cpu", batch_size=4, warmup_steps=1, weight_decay=0.0,
+                       max_new_tokens=4, pg_prompts=2, pg_group=2, pg_steps=2, pg_lr=1e-2, irl_rounds=2,
+                       irl_rm_steps=2, rm_lr=1e-2, irft_stages=1, n_round_samples=3)
+    cfg = dataclasses.replace(cfg, **overrides)
+    return train.Run(cfg, VOCAB, {"demos": DEMOS}, train.stage_config(cfg, "policy"))
+
+
+class ConstantReward(torch.nn.Module):
+    def forward(self, idx, targets, last):
+        return torch.full((idx.shape[0],), 0.7)
+
+
+class TokenCountReward(torch.nn.Module):
+    """r(x, y) = how many times `token` appears in the response."""
+
+    def __init__(self, token):
+        super().__init__()
+        self.token = token
+
+    def forward(self, idx, targets, last):
+        return (targets == self.token).sum(dim=1).float()
+
+
+# ----------------------------------------------------------------------------------------
+# Step functions
+
+def test_sample_batch_is_k_rows_per_prompt_prompt_major_with_the_prompt_masked(tiny_gpt):
+    K = 3
+    idx, targets, last = afd.sample_batch(tiny_gpt(), PROMPTS, K, 5, EOS, torch.Generator().manual_seed(0))
+    assert idx.shape[0] == targets.shape[0] == last.shape[0] == len(PROMPTS) * K
+    for row in range(len(PROMPTS) * K):
+        prompt = PROMPTS[row // K]
+        n = len(prompt)
+        assert idx[row, :n].tolist() == prompt
+        assert (targets[row, :n - 1] == -100).all()  # no target on the prompt
+        response = targets[row, n - 1:last[row]]      # position n - 1 predicts the first response token
+        assert 1 <= len(response) <= 5 and response.tolist() == idx[row, n:last[row] + 1].tolist()
+        assert (targets[row, last[row]:] == -100).all()
+
+
+def test_adversarial_step_trains_the_discriminator_only(tiny_gpt):
+    pi = tiny_gpt()
+    policy, ref, disc = trainable_copy(pi), frozen_copy(pi), RewardModel.from_policy(pi)
+    disc_opt = configure_optimizer(disc, 1e-2, 0.0)
+    policy_before, ref_before, disc_before = snapshot(policy), snapshot(ref), snapshot(disc)
+    loss, stats = afd.adversarial_step(policy, ref, disc, disc_opt, policy_batch(), STEP_CFG)
+    assert changed(disc_before, disc)
+    assert not changed(ref_before, ref)
+    assert not changed(policy_before, policy)  # the policy's optimiser step is the caller's
+    assert {"reward", "kl", "disc_acc"} <= set(stats) and 0 <= stats["disc_acc"] <= 1
+    assert torch.isfinite(loss) and loss.requires_grad
+    loss.backward()
+    assert any(p.grad is not None and (p.grad != 0).any() for p in policy.parameters())
+    assert all(p.grad is None for p in ref.parameters())
+
+
+def test_rl_step_on_a_constant_reward_is_exactly_zero(tiny_gpt):
+    pi = tiny_gpt()
+    policy, ref = trainable_copy(pi), frozen_copy(pi)
+    loss, stats = afd.rl_step(policy, ref, ConstantReward(), policy_batch(), STEP_CFG)
+    assert loss.item() == 0.0 and stats["kl"] == 0.0  # equal rewards, policy == ref
+    assert stats["reward"] == pytest.approx(0.7)
+    loss.backward()
+    assert all((p.grad == 0).all() for p in policy.parameters())
+
+
+def test_rl_step_on_a_reward_for_one_token_makes_it_more_likely(tiny_gpt):
+    pi = tiny_gpt()
+    policy, ref = trainable_copy(pi), frozen_copy(pi)
+
+    def p_token(model):  # mean probability of token 3 as the first response token
+        with torch.no_grad():
+            return sum(torch.softmax(model(torch.tensor([p]))[0][0, -1], -1)[3] for p in PROMPTS) / len(PROMPTS)
+    before = p_token(policy)
+    loss, _ = afd.rl_step(policy, ref, TokenCountReward(3), policy_batch(), STEP_CFG)
+    loss.backward()
+    assert any((p.grad != 0).any() for p in policy.parameters())
+    torch.optim.SGD(policy.parameters(), lr=0.5).step()
+    assert p_token(policy) > before
+
+
+# ----------------------------------------------------------------------------------------
+# Whole methods, through a real train.Run
+
+def test_irl_round_aggregates_demonstration_triples_and_trains_both_models(tiny_gpt, tmp_path):
+    run = tiny_run(tmp_path)
+    pi = tiny_gpt()
+    policy, rm = trainable_copy(pi), RewardModel.from_policy(pi)
+    policy_before, rm_before = snapshot(policy), snapshot(rm)
+    demo_of = {tuple(p): r for p, r in DEMOS}
+    triples = afd.irl_round(0, policy, rm, [], run, run.cfg)
+    assert len(triples) == run.cfg.n_round_samples
+    assert all(demo == demo_of[tuple(prompt)] and len(own) <= run.cfg.max_new_tokens for prompt, demo, own in triples)
+    assert (tmp_path / "rm_irl_iterated_round0.pt").exists() and (tmp_path / "policy_irl_iterated_round0.pt").exists()
+    assert changed(rm_before, rm) and changed(policy_before, policy)
+    more = afd.irl_round(1, policy, rm, triples, run, run.cfg)
+    assert more[:len(triples)] == triples and len(more) == len(triples) + run.cfg.n_round_samples
+    assert all(demo == demo_of[tuple(prompt)] for prompt, demo, _ in more)
+
+
+def test_irft_stage_starts_at_log2_and_writes_its_checkpoint(tiny_gpt, tmp_path):
+    run = tiny_run(tmp_path)
+    policy = trainable_copy(tiny_gpt())
+    before = snapshot(policy)
+    afd.irft_stage(0, policy, run, run.cfg)
+    curve = [json.loads(line) for line in (tmp_path / "policy_irft_stage0.curve.jsonl").read_text().splitlines()]
+    assert len(curve) == run.cfg.pg_steps // run.cfg.irft_stages
+    assert curve[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # pi == pi_t at the first step
+    assert (tmp_path / "policy_irft_stage0.pt").exists() and changed(before, policy)
+
+
+def test_a_method_run_again_with_the_same_config_loads_instead_of_training(tiny_gpt, tmp_path, capsys):
+    pi_sft, run, same = tiny_gpt(), tiny_run(tmp_path), tiny_run(tmp_path)
+    first = afd.irft(pi_sft, run, run.cfg)
+    capsys.readouterr()
+    again = afd.irft(pi_sft, same, same.cfg)
+    path = tmp_path / "policy_irft_stage0.pt"
+    assert f"[policy_irft_stage0] up to date: {path}" in capsys.readouterr().out
+    assert not changed(snapshot(first), again)
+    other = tiny_run(tmp_path, pg_lr=3e-3)
+    afd.irft(pi_sft, other, other.cfg)
+    assert f"[policy_irft_stage0] {path} was made with another config: redoing it" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------
+# The command line
+
+def test_help_lists_every_field_with_its_default_by_stage(run):
+    for flag in ("--help", "-h"):
+        proc = run(flag, env={**os.environ, "COLUMNS": "1000"})  # no line wrapping
+        assert proc.returncode == 0, proc.stderr
+        for f in dataclasses.fields(train.Config):
+            assert re.search(rf"--{f.name}\b", proc.stdout), f.name
+            assert f.name == "preset" or f"(default {f.default!r}" in proc.stdout, f.name
+        assert all(f"{title}:" in proc.stdout for title in train.STAGE_HELP.values())
+
+
+def test_an_option_parses_with_or_without_equals():
+    assert train.parse_args(["--preset=smoke", "--seed", "3"]).seed == 3
+    assert train.parse_args(["--preset=smoke", "--seed=3"]).seed == 3
+
+
+def test_a_misspelt_option_suggests_the_field(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--preset=smoke", "--pg_lrr=1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "unknown option --pg_lrr; did you mean --pg_lr?" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--device=gpu", "--device='gpu': choose auto, cpu"),
+    ("--dropout=2", "--dropout=2.0 must be in [0, 1)"),
+    ("--temperature=nan", "--temperature=nan must be at least 0"),
+    ("--methods=bon,adversarial", "--methods: unknown 'adversarial' (did you mean afd_adversarial?)"),
+    ("--pref_noise_temp=0", "--pref_noise_temp=0.0 must be positive"),
+    ("--ava_gamma=1.5", "--ava_gamma=1.5 must be a discount, in [0, 1]"),
+])
+def test_a_bad_value_is_one_line_before_any_work(run, tmp_path, option, message):
+    out = tmp_path / "out"
+    proc = run("--preset=smoke", f"--out_dir={out}", option)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not out.exists()
