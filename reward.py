@@ -215,3 +215,25 @@ def ava_p_loss(model, idx, targets, lam, gamma):
 def pairwise_accuracy(scores_better, scores_worse):
     """Fraction of pairs the reward model orders like the label (a tie counts one half)."""
     return float(((scores_better > scores_worse).float() + 0.5 * (scores_better == scores_worse).float()).mean())
+
+
+# each reward model's own kind of held-out pair: (should score higher, should score lower)
+OWN_PAIRS = {"init_sft": ("sft_a", "init"), "init_demo": ("demo", "init"), "sft_demo": ("demo", "sft_a"),
+             "pref": ("chosen", "rejected"), "logratio": ("sft_a", "init"),
+             "ava_d": ("demo", "init"), "ava_p": ("chosen", "rejected")}
+
+
+def heldout_accuracies(name, scores, golden_a, golden_b):
+    """A reward model's accuracies on held-out pairs, one pair per held-out prompt. scores maps
+    "demo", "chosen", "rejected", "init", "sft_a", "sft_b" to its scores (P,) of each kind of
+    response; golden_a, golden_b (P,) are the golden rewards of the two SFT samples."""
+    differ = golden_a != golden_b  # pairs of SFT samples the golden reward tells apart
+    a_is_better = golden_a > golden_b
+    scores_better = torch.where(a_is_better, scores["sft_a"], scores["sft_b"])[differ]
+    scores_worse = torch.where(a_is_better, scores["sft_b"], scores["sft_a"])[differ]
+    better, worse = OWN_PAIRS[name]
+    return {"heldout_accuracy": pairwise_accuracy(scores[better], scores[worse]),
+            "acc_demo_vs_sft": pairwise_accuracy(scores["demo"], scores["sft_a"]),
+            "acc_chosen_vs_rejected": pairwise_accuracy(scores["chosen"], scores["rejected"]),
+            "acc_golden_sft_pairs": pairwise_accuracy(scores_better, scores_worse),
+            "n_golden_sft_pairs": int(differ.sum())}

@@ -22,6 +22,7 @@ are a function of (seed, label, step, rank), so a resumed run equals an uninterr
 """
 import argparse
 import difflib
+import itertools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from report import markdown_tables, write_report, write_text
 from model import (GPT, GPTConfig, atomic_write, configure_optimizer, frozen_copy, generate, memory_bytes,
                    num_params, trainable_copy)
 from reward import (AVA, POINTWISE, RM_NAMES, AVARewardModel, LogRatioReward, RewardModel, ava_d_loss,
-                    ava_p_loss, pairwise_accuracy, pairwise_loss)
+                    ava_p_loss, heldout_accuracies, pairwise_accuracy, pairwise_loss)
 
 
 def opt(default, help):
@@ -351,13 +352,10 @@ def gather_tensor(t):
 
 def gather_rows(rows):
     """Every rank's list of token lists, concatenated in rank order."""
-    lengths = gather_tensor(torch.tensor([len(r) for r in rows], dtype=torch.long))
+    lengths = gather_tensor(torch.tensor([len(r) for r in rows], dtype=torch.long)).tolist()
     flat = gather_tensor(torch.tensor([t for r in rows for t in r], dtype=torch.long)).tolist()
-    out, i = [], 0
-    for n in lengths.tolist():
-        out.append(flat[i:i + n])
-        i += n
-    return out
+    ends = list(itertools.accumulate(lengths))
+    return [flat[end - n:end] for n, end in zip(lengths, ends)]
 
 
 def all_finite(loss):
@@ -816,12 +814,6 @@ def stage_gold(cfg, vocab, splits, pi_init):
     return (lambda prompts, responses: score(gold, prompts, responses, cfg, vocab)), info
 
 
-# each reward model's own kind of held-out pair: (should score higher, should score lower)
-OWN_PAIRS = {"init_sft": ("sft_a", "init"), "init_demo": ("demo", "init"), "sft_demo": ("demo", "sft_a"),
-             "pref": ("chosen", "rejected"), "logratio": ("sft_a", "init"),
-             "ava_d": ("demo", "init"), "ava_p": ("chosen", "rejected")}
-
-
 def stage_reward_models(cfg, vocab, splits, samples, pi_init, pi_sft, golden):
     reward_models = {name: LogRatioReward(pi_sft, pi_init) if name == "logratio" else
                      train_reward_model(name, cfg, vocab, splits, samples, pi_init) for name in RM_NAMES}
@@ -829,21 +821,12 @@ def stage_reward_models(cfg, vocab, splits, samples, pi_init, pi_sft, golden):
     prompts, demos, chosen, rejected = map(list, zip(*splits["heldout"]))
     sft_a, sft_b = samples["heldout_sft"][0::2], samples["heldout_sft"][1::2]
     golden_a, golden_b = golden(prompts, sft_a), golden(prompts, sft_b)
-    differ = golden_a != golden_b  # pairs of SFT samples the golden reward tells apart
-    a_is_better = golden_a > golden_b
     rows = []
     for name, rm in reward_models.items():
         scores = {k: score(rm, prompts, v, cfg, vocab) for k, v in
                   [("demo", demos), ("chosen", chosen), ("rejected", rejected),
                    ("init", samples["heldout_init"]), ("sft_a", sft_a), ("sft_b", sft_b)]}
-        scores_better = torch.where(a_is_better, scores["sft_a"], scores["sft_b"])[differ]
-        scores_worse = torch.where(a_is_better, scores["sft_b"], scores["sft_a"])[differ]
-        better, worse = OWN_PAIRS[name]
-        rows.append({"name": name, "heldout_accuracy": pairwise_accuracy(scores[better], scores[worse]),
-                     "acc_demo_vs_sft": pairwise_accuracy(scores["demo"], scores["sft_a"]),
-                     "acc_chosen_vs_rejected": pairwise_accuracy(scores["chosen"], scores["rejected"]),
-                     "acc_golden_sft_pairs": pairwise_accuracy(scores_better, scores_worse),
-                     "n_golden_sft_pairs": int(differ.sum())})
+        rows.append({"name": name, **heldout_accuracies(name, scores, golden_a, golden_b)})
     log("[rm] held-out accuracy (own data / demo>sft / chosen>rejected / golden order of sft pairs): "
         + "; ".join(f"{r['name']} {r['heldout_accuracy']:.2f}/{r['acc_demo_vs_sft']:.2f}/"
                     f"{r['acc_chosen_vs_rejected']:.2f}/{r['acc_golden_sft_pairs']:.2f}" for r in rows))

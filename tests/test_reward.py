@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import reward
 from data import make_batch
 from model import GPT, GPTConfig, configure_optimizer, token_logprobs
 from reward import (AVARewardModel, ava_d_loss, ava_p_loss, ava_token_objective, bradley_terry_loss,
@@ -157,3 +158,17 @@ def test_ava_d_learns_a_reward_that_ranks_demonstrations_first():
         r_random = model(*make_batch(prompts, random_responses, EOT)[:2])
     accuracy = (r_demo > r_random).float().mean().item()
     assert accuracy > 0.9, accuracy
+
+
+def test_heldout_accuracies_by_hand():
+    """Two held-out prompts; only the first pair of SFT samples differs in golden reward."""
+    t = lambda *v: torch.tensor(v)
+    scores = {"demo": t(1.0, 0.0), "sft_a": t(0.0, 1.0), "sft_b": t(0.5, 0.5), "init": t(-1.0, 2.0),
+              "chosen": t(2.0, 2.0), "rejected": t(1.0, 3.0)}
+    rows = reward.heldout_accuracies("init_sft", scores, golden_a=t(1.0, 0.0), golden_b=t(0.0, 0.0))
+    assert rows["heldout_accuracy"] == 0.5             # own pair, sft_a > init: (0 > -1) yes, (1 > 2) no
+    assert rows["acc_demo_vs_sft"] == 0.5              # demo > sft_a: yes, then no
+    assert rows["acc_chosen_vs_rejected"] == 0.5       # 2 > 1 yes, 2 > 3 no
+    assert rows["n_golden_sft_pairs"] == 1             # the second pair is a golden tie: left out
+    assert rows["acc_golden_sft_pairs"] == 0.0         # the better sample (a) scored 0 < 0.5
+    assert reward.heldout_accuracies("pref", scores, t(1.0, 0.0), t(0.0, 0.0))["heldout_accuracy"] == 0.5
