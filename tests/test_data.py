@@ -1,9 +1,7 @@
 """The tokenizer, the built-in task's golden reward, and batching."""
-import random
 import socket
 
 import pytest
-import torch
 
 import data
 from data import EOT, golden_reward
