@@ -320,7 +320,8 @@ def best_of_n(scores):
 
 
 def order_statistic_weights(N, n):
-    """w_i = C(i-1, n-1) / C(N, n), i = 1..N: P(the best of a random n-subset is the i-th)."""
+    """w_i = C(i-1, n-1) / C(N, n), i = 1..N: P(the best of a random n-subset is the i-th of
+    the N sorted ascending). Returns (N,) float64."""
     return torch.tensor([math.comb(i - 1, n - 1) / math.comb(N, n) for i in range(1, N + 1)],
                         dtype=torch.float64)
 

@@ -243,6 +243,7 @@ def _parse(context, request):
 # The golden reward: a program. Rules and weights are in README.md.
 
 W_TASK, W_OVER_REFUSAL, W_HARMFUL, W_END = 2.0, -1.0, -2.0, 0.5
+GOLDEN_MAX = W_TASK + W_END  # a correct answer that ends properly, in at most CONCISE_WORDS words
 CONCISE_WORDS, W_PER_EXTRA_WORD, MAX_LENGTH_PENALTY = 20, -0.1, -1.0
 
 

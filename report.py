@@ -1,13 +1,19 @@
 """
 A run's results as a reader sees them: the markdown tables (also printed at the end of a
 run), report.md, and the plot of golden reward against KL (golden_vs_kl.png, with
-matplotlib). train.py calls write_report when a run ends; nothing here changes a number.
+matplotlib). train.py calls write_report when a run ends, and again on every rerun (from
+results.json alone, so an edit here redraws the report without redoing any stage); nothing
+here changes a number.
 """
 import json
+import math
 import os
+import re
+import shlex
 from pathlib import Path
 
 from afd import kl_bound
+from data import EOT
 from model import atomic_write
 
 
@@ -16,18 +22,24 @@ def write_text(text, path):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def rm_table(results):
+    """Markdown: each reward model's held-out accuracies."""
+    lines = ["| reward model | held-out acc. (own data) | demo > SFT | chosen > rejected | "
+             "golden order of SFT pairs |", "|---|---|---|---|---|"]
+    return "\n".join(lines + [f"| {r['name']} | {r['heldout_accuracy']:.3f} | {r['acc_demo_vs_sft']:.3f} | "
+                               f"{r['acc_chosen_vs_rejected']:.3f} | {r['acc_golden_sft_pairs']:.3f} |"
+                               for r in results["reward_models"]])
+
+
 def markdown_tables(results):
+    """The tables printed at the end of a run: policies, reward models, Best-of-n by n."""
     lines = ["| policy | golden reward | win rate vs SFT | KL to SFT |", "|---|---|---|---|"]
     for p in results["policies"]:
         kl = (f"{p['kl_to_sft']:.2f} ± {p['kl_to_sft_stderr']:.2f}" if "kl_to_sft" in p
               else "0" if p["name"] == "sft" else "-")
         lines.append(f"| {p['name']} | {p['golden_reward']:.3f} ± {p['golden_reward_stderr']:.3f} | "
                      f"{p['win_rate_vs_sft']:.3f} | {kl} |")
-    lines += ["", "| reward model | held-out acc. (own data) | demo > SFT | chosen > rejected | "
-              "golden order of SFT pairs |", "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['heldout_accuracy']:.3f} | {r['acc_demo_vs_sft']:.3f} | "
-              f"{r['acc_chosen_vs_rejected']:.3f} | {r['acc_golden_sft_pairs']:.3f} |"
-              for r in results["reward_models"]]
+    lines += ["", rm_table(results)]
     ns = sorted({b["n"] for b in results["best_of_n"]})
     if not ns:
         return "\n".join(lines)
@@ -56,73 +68,180 @@ def mean(values):
     return sum(values) / len(values)
 
 
+CURVE_KEYS = {"loss": "loss", "reward": "reward", "kl": "KL to reference", "disc_acc": "discriminator accuracy"}
+
+
+def first_last(curve, key):
+    """"a -> b": the mean of a curve's key over its first 10 steps and over its last 10 (over
+    its first and last halves in a run of fewer than 20 steps)."""
+    k = max(1, min(10, len(curve) // 2))
+    return f"{mean([r[key] for r in curve[:k]]):.3f} -> {mean([r[key] for r in curve[-k:]]):.3f}"
+
+
+def curve_summary(curve):
+    """A training run in one line: each figure of its curve, first 10 steps -> last 10."""
+    if not curve:
+        return "no steps"
+    return ", ".join(f"{label} {first_last(curve, key)}" for key, label in CURVE_KEYS.items() if key in curve[0])
+
+
 def curves_table(config, out_dir):
     """Markdown: each policy-training run's loss, reward, KL and discriminator accuracy, the
     mean of its first and of its last 10 steps."""
-    lines = ["| method | run | steps | loss | reward | KL to reference | discriminator accuracy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | run | steps | " + " | ".join(CURVE_KEYS.values()) + " |", "|---|---|---|---|---|---|---|"]
     for method, names in curve_names(config).items():
         for name in names:
             with open(os.path.join(out_dir, f"{name}.curve.jsonl")) as f:
                 curve = [json.loads(line) for line in f]
-            cell = lambda key: (f"{mean([r[key] for r in curve[:10]]):.3f} -> "
-                                f"{mean([r[key] for r in curve[-10:]]):.3f}" if key in curve[0] else "-")
-            lines.append(f"| {method} | {name} | {len(curve)} | {cell('loss')} | {cell('reward')} | "
-                         f"{cell('kl')} | {cell('disc_acc')} |")
+            cells = [first_last(curve, key) if key in curve[0] else "-" for key in CURVE_KEYS]
+            lines.append(f"| {method} | {name} | {len(curve)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def difference_from_sft(value, stderr, sft):
+    """(difference in standard errors, verdict) of a golden reward against SFT's:
+    z = (value - sft) / sqrt(stderr^2 + stderr_sft^2); better / worse beyond 2 standard errors."""
+    z = (value - sft["golden_reward"]) / max(math.hypot(stderr, sft["golden_reward_stderr"]), 1e-12)
+    return z, "better" if z >= 2 else "worse" if z <= -2 else "no clear difference"
+
+
+def verdict_tables(results):
+    """Markdown: every policy, then every Best-of-n entry, against SFT with a verdict."""
+    sft = next(p for p in results["policies"] if p["name"] == "sft")
+
+    def cells(row):
+        if row is sft:
+            return f"{row['golden_reward']:.3f} ± {row['golden_reward_stderr']:.3f} | - | (the reference) | 0.500"
+        z, verdict = difference_from_sft(row["golden_reward"], row["golden_reward_stderr"], sft)
+        return (f"{row['golden_reward']:.3f} ± {row['golden_reward_stderr']:.3f} | "
+                f"{row['golden_reward'] - sft['golden_reward']:+.3f} ({z:+.1f} SE) | {verdict} | "
+                f"{row['win_rate_vs_sft']:.3f}")
+    lines = ["| policy | golden reward | vs SFT | verdict | win rate vs SFT | KL to SFT |", "|---|---|---|---|---|---|"]
+    for p in results["policies"]:
+        kl = (f"{p['kl_to_sft']:.2f} ± {p['kl_to_sft_stderr']:.2f}" if "kl_to_sft" in p
+              else "0" if p["name"] == "sft" else "-")
+        lines.append(f"| {p['name']} | {cells(p)} | {kl} |")
+    if results["best_of_n"]:
+        lines += ["", "| Best-of-n with | n | golden reward | vs SFT | verdict | win rate vs SFT | KL bound |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {b['rm']} | {b['n']} | {cells(b)} | {b['kl_bound']:.2f} |" for b in results["best_of_n"]]
+    return "\n".join(lines)
+
+
+def how_to_read(results):
+    gold = results["golden_reward"]
+    what = (f"the task's own score of a response (`{gold['function']}`, at most {gold.get('max')})"
+            if gold["kind"] == "program" else "the gold reward model's score (a proxy, see below)")
+    n = results["config"]["n_eval"]
+    return "\n".join([
+        "## How to read this report", "",
+        f"- **golden reward**: {what}, the mean over the {n} evaluation prompts, ± its standard error "
+        "(the uncertainty of that mean: two standard errors either side is roughly a 95% interval).",
+        "- **vs SFT**: the difference from pi_sft's golden reward, and that difference in standard errors "
+        "(`(value - sft) / sqrt(se^2 + se_sft^2)`).",
+        "- **verdict**: *better* or *worse* than SFT when the difference is beyond two standard errors, "
+        "else *no clear difference*: with this many prompts a smaller gap can be chance.",
+        "- **win rate vs SFT**: the share of prompts on which the response beats pi_sft's response to the "
+        "same prompt by golden reward (a tie counts half; 0.5 = no better, no worse).",
+        "- **KL to SFT**: how far a trained policy moved from pi_sft, a Monte-Carlo estimate of "
+        "KL(pi || pi_sft) in nats on its own samples (± standard error).",
+        "- **Best-of-n**: draw n responses of pi_sft, keep the one the reward model scores highest. Every n "
+        f"is estimated from the same {results['config']['bon_n']} candidates per prompt (the unbiased "
+        "order-statistics estimator); **KL bound**: its KL to pi_sft is at most log n - (n-1)/n.",
+        "- **reward models**: *held-out acc.* on held-out pairs of the kind each was trained on; *demo > SFT*: "
+        "how often it scores the demonstration above a pi_sft response; *chosen > rejected*: on preference "
+        "pairs; *golden order of SFT pairs*: how often it orders two pi_sft responses as the golden reward does "
+        "(what Best-of-n needs).", ""])
+
+
+def config_command(config):
+    """The command line that reruns this run: every Config field, grouped a few to a line."""
+    args = [f"--{k}={shlex.quote(str(v))}" for k, v in config.items() if k not in ("out_dir", "device")]
+    lines = [" ".join(args[i:i + 4]) for i in range(0, len(args), 4)]
+    return "python train.py " + " \\\n    ".join(lines)
+
+
+def dialogue(prompt, response):
+    """A prompt and its response as a quoted dialogue (markdown), one line per turn."""
+    text = prompt + response.replace(EOT, " [end of text]")
+    turns = [t.strip() for t in re.split(r"\n\n(?=Human:|Assistant:)", text) if t.strip()]
+    return "\n".join(f"> **{t.split(':', 1)[0]}:**{t.split(':', 1)[1]}  " if ":" in t else f"> {t}  "
+                     for t in turns)
+
+
+def visible(token):
+    """A token with its whitespace shown: ␣ for a space, ↵ for a newline."""
+    return token.replace(" ", "␣").replace("\n", "↵")
+
+
 def plot_golden_vs_kl(results, path):
-    """Golden reward against KL to pi_sft: a Best-of-n curve per reward model (the KL bound)
-    and a point per trained policy (Monte-Carlo KL). Needs matplotlib (optional)."""
+    """Golden reward against KL to pi_sft: a Best-of-n curve per reward model (the KL bound),
+    a point per trained policy (Monte-Carlo KL), SFT's level and the task's maximum."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[plot] matplotlib is not installed: skipping golden_vs_kl.png (pip install matplotlib)")
+        print("[plot] matplotlib is not installed: skipping golden_vs_kl.png (pip install -r requirements.txt)")
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    sft = next(p for p in results["policies"] if p["name"] == "sft")
+    ax.axhline(sft["golden_reward"], color="0.4", linestyle="--", linewidth=1, label="SFT (n = 1)")
+    if results["golden_reward"].get("max") is not None:
+        ax.axhline(results["golden_reward"]["max"], color="0.4", linestyle=":", linewidth=1, label="task maximum")
     for rm in dict.fromkeys(b["rm"] for b in results["best_of_n"]):
         rows = [b for b in results["best_of_n"] if b["rm"] == rm]
         ax.errorbar([b["kl_bound"] for b in rows], [b["golden_reward"] for b in rows],
-                    yerr=[b["golden_reward_stderr"] for b in rows], marker=".", capsize=2, label=f"BoN {rm}")
-    points = [p for p in results["policies"] if "kl_to_sft" in p or p["name"] == "sft"]
-    for p, marker in zip(points, "s^vD<>ph*"):  # black markers: policies; colours: BoN curves
-        ax.errorbar([p.get("kl_to_sft", 0.0)], [p["golden_reward"]], yerr=[p["golden_reward_stderr"]],
-                    xerr=[p.get("kl_to_sft_stderr", 0.0)], marker=marker, color="k", linestyle="none",
-                    capsize=2, label=p["name"])
+                    yerr=[b["golden_reward_stderr"] for b in rows], marker=".", markersize=4, linewidth=1,
+                    capsize=2, alpha=0.6, label=f"Best-of-n, {rm}")
+    trained = [p for p in results["policies"] if "kl_to_sft" in p]
+    colours = plt.get_cmap("Dark2").colors
+    for p, marker, colour in zip(trained, "s^vDPX*ph", colours):
+        ax.errorbar([p["kl_to_sft"]], [p["golden_reward"]], yerr=[p["golden_reward_stderr"]],
+                    xerr=[p["kl_to_sft_stderr"]], marker=marker, markersize=9, color=colour, markeredgecolor="k",
+                    linestyle="none", elinewidth=1.5, capsize=4, zorder=3, label=f"trained: {p['name']}")
     ax.set_xscale("symlog", linthresh=0.1)  # a hacked reward can drive the KL far past BoN's
-    ax.set_xlabel("KL to pi_sft (nats, symlog axis; BoN: the bound log n - (n-1)/n)")
-    ax.set_ylabel("golden reward")
-    ax.legend(fontsize=7)
+    ax.set_xlabel("KL to pi_sft (nats, symlog axis; Best-of-n: the bound log n - (n-1)/n)")
+    ax.set_ylabel("golden reward (mean ± standard error)")
+    ax.set_title(f"Golden reward against KL: preset {results['preset']}, seed {results['seed']}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return True
 
 
-def write_report(results, examples, out_dir):
-    """report.md (and golden_vs_kl.png) in out_dir from a run's results and sampled examples."""
-    report = [f"# Results: preset `{results['preset']}`, seed {results['seed']}, device {results['device']}, "
-              f"{results['wall_time_s']:.0f} s", ""]
+def write_report(results, out_dir):
+    """report.md (and golden_vs_kl.png) in out_dir, from a run's results.json alone."""
+    report = [f"# Results: preset `{results['preset']}`, seed {results['seed']}", "",
+              f"Device {results['device']}, {results['processes']} process(es), {results['wall_time_s']:.0f} s. "
+              "The command that reruns it (any field can be changed; `python train.py --help` says what each does):",
+              "", "```", config_command(results["config"]), "```", "", how_to_read(results)]
     gold = results["golden_reward"]
     if gold["kind"] != "program":
         report += [f"The golden reward here is a **proxy**: a reward model trained on {gold['pairs']} preference "
                    f"pairs that no evaluated model saw (from {gold['init_from']}, held-out chosen > rejected "
                    f"accuracy {gold['heldout_accuracy']:.3f}), not human judgement.", ""]
-    report += [markdown_tables(results), ""]
-    if curve_names(results["config"]):
-        report += ["## Policy training (first 10 steps -> last 10 steps)", "",
-                   curves_table(results["config"], out_dir), ""]
+    report += ["## Policies and Best-of-n against SFT", "", verdict_tables(results), "",
+               "## Reward models", "", rm_table(results), ""]
     if plot_golden_vs_kl(results, os.path.join(out_dir, "golden_vs_kl.png")):
         report += ["![golden reward against KL](golden_vs_kl.png)", ""]
+    if results.get("stages"):
+        report += ["## What the run did", "", "Each result trained, sampled or loaded (when up to date), with its "
+                   "figures over the first 10 training steps -> the last 10 (halves of a shorter run).", ""]
+        report += [f"- {line}" for line in results["stages"]] + [""]
+    if curve_names(results["config"]):
+        report += ["## Policy training (first 10 steps -> last 10; halves of a shorter run)", "",
+                   curves_table(results["config"], out_dir), ""]
     report += ["## AVA-d per-token rewards (posterior mean and std of each response token's reward)", ""]
     for row in results["ava_token_rewards"]:
-        report += [f"`{row['prompt']!r}` -> golden reward {row['golden_reward']:+.1f}, "
-                   f"sum of means {row['sequence_reward']:+.2f}", "", "| token | mean | std |", "|---|---|---|"]
-        report += [f"| `{text!r}` | {mu:+.2f} | {sigma:.2f} |" for text, mu, sigma in row["tokens"]] + [""]
-    report += ["## Samples", ""]
-    for name, rows in examples.items():
-        report += [f"### {name}", ""] + [f"- `{p!r}` -> `{r!r}`" for p, r in rows] + [""]
+        report += [dialogue(row["prompt"], row["response"]), "",
+                   f"golden reward {row['golden_reward']:+.1f}, sum of means {row['sequence_reward']:+.2f}", "",
+                   "| token | mean | std |", "|---|---|---|"]
+        report += [f"| `{visible(text)}` | {mu:+.2f} | {sigma:.2f} |" for text, mu, sigma in row["tokens"]] + [""]
+    report += ["## Samples (the first evaluation prompts)", ""]
+    for name, rows in results.get("examples", {}).items():
+        report += [f"### {name}", ""]
+        for prompt, response in rows:
+            report += [dialogue(prompt, response), ""]
     write_text("\n".join(report), os.path.join(out_dir, "report.md"))

@@ -86,6 +86,7 @@ class LogRatioReward(nn.Module):
         self.pi_init = frozen_copy(pi_init)
 
     def forward(self, idx, targets, last=None):
+        """log pi_sft(y|x) - log pi_init(y|x) per row, (B,): each a sum over the response tokens."""
         return sequence_logprob(self.pi_sft, idx, targets) - sequence_logprob(self.pi_init, idx, targets)
 
 

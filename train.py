@@ -21,7 +21,9 @@ and redoes the rest; an interrupted training run restarts from its <name>.resume
 are a function of (seed, label, step, rank), so a resumed run equals an uninterrupted one.
 """
 import argparse
+import ast
 import difflib
+import hashlib
 import itertools
 import json
 import math
@@ -33,6 +35,7 @@ import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,7 +44,7 @@ from tqdm import tqdm
 
 import afd
 import data
-from report import markdown_tables, write_report, write_text
+from report import curve_summary, markdown_tables, write_report, write_text
 from model import (GPT, GPTConfig, atomic_write, configure_optimizer, frozen_copy, generate, memory_bytes,
                    num_params, trainable_copy)
 from reward import (AVA, POINTWISE, RM_NAMES, AVARewardModel, LogRatioReward, RewardModel, ava_d_loss,
@@ -321,8 +324,36 @@ def log(msg):
         print(msg, flush=True)
 
 
-def progress(iterable, **kw):
-    return tqdm(iterable, leave=False, disable=not is_main(), **kw)
+def progress(iterable, desc, total=None, initial=0):
+    """A progress bar on a terminal; written to a file (not a terminal), a line every
+    PROGRESS_EVERY seconds instead of a redraw per step."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False, disable=not is_main())
+    return ProgressLines(iterable, desc, total if total is not None else len(iterable), initial)
+
+
+PROGRESS_EVERY = 60.0  # seconds between two progress lines in a log file
+
+
+class ProgressLines:
+    """tqdm's interface (iterate, set_postfix) for a log file: "[desc] 120/400 (30%), loss=0.812, 61 s"."""
+
+    def __init__(self, iterable, desc, total, initial):
+        self.iterable, self.desc, self.total, self.done, self.postfix = iterable, desc, total, initial, {}
+
+    def set_postfix(self, **values):
+        self.postfix = values
+
+    def __iter__(self):
+        start = last = time.time()
+        for item in self.iterable:
+            yield item
+            self.done += 1
+            if time.time() - last >= PROGRESS_EVERY and is_main():
+                last = time.time()
+                figures = "".join(f", {k}={v}" for k, v in self.postfix.items())
+                print(f"[{self.desc}] {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)"
+                      f"{figures}, {last - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def data_parallel(model):
@@ -367,6 +398,83 @@ def all_finite(loss):
 
 
 # ----------------------------------------------------------------------------------------
+# Code is part of a stage's stamp: a hash of the source of every function, class and
+# module-level constant of the project that the stage's function reaches by name, however
+# indirectly (its closure in the call graph, read from the source with `ast`). Edit a loss
+# and the stages that call it are redone, with everything downstream; the others are loaded.
+
+CODE_FILES = ("model", "data", "reward", "afd", "train")   # the project's modules (report.py never changes a result)
+STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain"], "sft": ["train.stage_sft"],
+              "sample": ["train.stage_sample"], "rm": ["train.stage_reward_models"],
+              "policy": ["train.stage_policies"], "evaluate": ["train.stage_evaluate"]}
+OUTPUT_ONLY = {"train.log", "train.die", "train.progress"}  # they print; no result depends on them
+# Within a stage, each reward model and each method is stamped with its own code only (the
+# others' entry points are left out), so that an edited IRFT loss retrains IRFT, not the rest.
+UNIT_CODE = {"rm": {"init_sft": "afd.discriminator_loss", "init_demo": "afd.discriminator_loss",
+                    "sft_demo": "afd.discriminator_loss", "pref": "reward.pairwise_loss",
+                    "ava_d": "reward.ava_d_loss", "ava_p": "reward.ava_p_loss"},
+             "policy": {"afd_adversarial": "afd.afd_adversarial", "irl_iterated": "afd.irl_iterated",
+                        "irft": "afd.irft", "rl_init_sft": "afd.rl_on_reward", "rl_ava_d": "afd.rl_on_reward"}}
+
+
+@lru_cache(maxsize=None)
+def module_names(folder, module):
+    """A module's top-level names: {name: (its source, the names it refers to)}, with what its
+    imports bind: {alias: (module, name)} (name None for `import module`)."""
+    source = Path(folder, f"{module}.py").read_text()
+    names, imports = {}, {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            imports.update({a.asname or a.name: (a.name, None) for a in node.names if a.name in CODE_FILES})
+        elif isinstance(node, ast.ImportFrom) and node.module in CODE_FILES:
+            imports.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)):
+            assigned = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            targets = ([node.name] if hasattr(node, "name") else
+                       [t.id for a in assigned for t in ast.walk(a) if isinstance(t, ast.Name)])
+            refs = [(n.value.id, n.attr) if isinstance(n, ast.Attribute) else (n.id, None)
+                    for n in ast.walk(node) if isinstance(n, ast.Name) or
+                    (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name))]
+            names.update({t: (ast.get_source_segment(source, node), refs) for t in targets})
+    return names, imports
+
+
+@lru_cache(maxsize=None)
+def code_versions(roots, skip=frozenset(), folder=os.path.dirname(os.path.abspath(__file__))):
+    """{"module.name": hash of its source} for roots ("module.name", ...) and every top-level
+    name of the project they refer to, transitively, except the names in skip."""
+    out, todo = {}, list(roots)
+    while todo:
+        module, name = todo.pop().split(".", 1)
+        key = f"{module}.{name}"
+        names, imports = module_names(folder, module)
+        if key in out or key in OUTPUT_ONLY or key in skip or name not in names:
+            continue
+        source, refs = names[name]
+        out[key] = hashlib.sha256(source.encode()).hexdigest()[:12]
+        for ref, attr in refs:
+            if ref in names:
+                todo.append(f"{module}.{ref}")
+            elif ref in imports:
+                target_module, target = imports[ref]
+                if target or attr:
+                    todo.append(f"{target_module}.{target or attr}")
+    return dict(sorted(out.items()))
+
+
+def changes(saved, current):
+    """In a few words, why a saved stage config is not the current one."""
+    if "code" not in saved:
+        return "the code changed"
+    code = [k for k in current.get("code", {}) if saved["code"].get(k) != current["code"][k]]
+    fields = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in dict.fromkeys([*current, *saved])
+              if k != "code" and saved.get(k) != current.get(k)]
+    said = fields + ([", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "") + " changed"]
+                     if code else [])
+    return "; ".join(said) or "the code changed"
+
+
+# ----------------------------------------------------------------------------------------
 # Checkpoints: written atomically by rank 0 (model.atomic_write), loaded with
 # weights_only=True, each holding the stage config it was made with.
 
@@ -386,14 +494,20 @@ def load_checkpoint(path):
             f"{str(e).splitlines()[0][:120]}); delete it, or use another --out_dir")
 
 
-def stage_config(cfg, stage):
-    """The config a stage's result depends on: its fields and those of every stage before it."""
+def stage_config(cfg, stage, unit=None):
+    """The config a stage's result depends on: its fields and those of every stage before it,
+    and the source of the code they run (code_versions); of one unit of the stage (a reward
+    model, a method: UNIT_CODE) if given."""
     names = list(STAGE_FIELDS)
     out = {"processes": WORLD}
     for s in names[:names.index(stage) + 1]:
         out.update({k: getattr(cfg, k) for k in STAGE_FIELDS[s]})
     if cfg.demos:
         out["demos_crc32"] = file_crc32(cfg.demos)
+    others = frozenset(UNIT_CODE[stage].values()) - {UNIT_CODE[stage][unit]} if unit else frozenset()
+    out["code"] = code_versions(tuple(root for s in names[:names.index(stage) + 1] for root in STAGE_CODE[s]), others)
+    if unit:
+        out["unit"] = unit
     return out
 
 
@@ -410,9 +524,8 @@ def saved_result(path, stage_cfg, what):
         return None
     state = load_checkpoint(path)
     if state.get("stage_config") != stage_cfg:
-        log(f"[{what}] {path} was made with another config: redoing it")
+        log(f"[{what}] {changes(state.get('stage_config', {}), stage_cfg)} since {path}: redoing it")
         return None
-    log(f"[{what}] up to date: {path}")
     return state
 
 
@@ -436,12 +549,21 @@ def load_weights(model, state, path, vocab):
 
 
 def restore(model, path, stage_cfg, vocab, what):
-    """Load model from path if that result is up to date; returns whether it was."""
+    """Load model from path if that result is up to date; returns its saved state, or None."""
     state = saved_result(path, stage_cfg, what)
     if state is not None:
         load_weights(model, state, path, vocab)
         model.eval()
-    return state is not None
+    return state
+
+
+STAGE_LINES = []  # what this run did, one line per result: trained / sampled / loaded, and its end figures
+
+
+def said(what, line):
+    """Log a stage line ("[pi_sft] trained 400 steps ...") and keep it for report.md."""
+    STAGE_LINES.append(f"{what}: {line}")
+    log(f"[{what}] {line}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -483,7 +605,7 @@ def fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg, 
             torch.set_rng_state(state["rng"])
             log(f"[{name}] resuming from step {start} of {steps} ({path})")
         else:
-            log(f"[{name}] {path} was made with another config: starting over")
+            log(f"[{name}] {changes(state.get('stage_config', {}), stage_cfg)} since {path}: starting over")
     train_model = data_parallel(model)
     model.train()
     for step in (bar := progress(range(start, steps), initial=start, total=steps, desc=name)):
@@ -525,12 +647,6 @@ def train_and_save(model, name, loss_of_batch, batch_at, steps, lr, cfg, vocab, 
     return curve
 
 
-def mean_of(curve, key, last=20):
-    """Mean of a curve's key over its last records."""
-    values = [r[key] for r in curve[-last:]]
-    return sum(values) / len(values)
-
-
 class Run:
     """The plumbing a method of afd.py is handed (afd.py lists what it calls): checkpointed,
     resumable training runs, sampling split across processes, and step-indexed batches. A
@@ -540,10 +656,17 @@ class Run:
         self.cfg, self.vocab, self.demos, self.stage_cfg = cfg, vocab, splits["demos"], stage_cfg
 
     def train(self, model, name, loss_of_batch, batch_at, steps, lr, aux=None):
-        """train_and_save as <name>.pt and return the curve, or load <name>.pt if it is up to date."""
+        """train_and_save as <name>.pt, or load <name>.pt if it is up to date; says which, with
+        the run's first and last figures (report.curve_summary). Returns the curve."""
         stage_cfg = {**self.stage_cfg, "run": name}
-        if not restore(model, os.path.join(self.cfg.out_dir, f"{name}.pt"), stage_cfg, self.vocab, name):
-            return train_and_save(model, name, loss_of_batch, batch_at, steps, lr, self.cfg, self.vocab, stage_cfg, aux)
+        path = os.path.join(self.cfg.out_dir, f"{name}.pt")
+        if (state := restore(model, path, stage_cfg, self.vocab, name)) is not None:
+            curve, did = state["curve"], f"loaded {path} (up to date)"
+        else:
+            curve = train_and_save(model, name, loss_of_batch, batch_at, steps, lr, self.cfg, self.vocab, stage_cfg, aux)
+            did = f"trained {len(curve)} steps"
+        said(name, f"{did}: {curve_summary(curve)}")
+        return curve
 
     def demonstrations(self, label):
         """n_round_samples demonstration prompts drawn without replacement, and their responses."""
@@ -722,21 +845,17 @@ def stage_pretrain(cfg, vocab, splits):
     torch.manual_seed(cfg.seed)
     pi_init = GPT(model_config(cfg, vocab)).to(cfg.device)
     batch_at = batch_sampler(splits["pretrain"], cfg, vocab, "pretrain", loss_on_prompt=True)
-    curve = Run(cfg, vocab, splits, stage_config(cfg, "pretrain")).train(
+    log(f"[pretrain] pi_init: {num_params(pi_init) / 1e6:.2f}M params")
+    Run(cfg, vocab, splits, stage_config(cfg, "pretrain")).train(
         pi_init, "pi_init", lambda m, b: m(b[0], b[1])[1], batch_at, cfg.pretrain_steps, cfg.pretrain_lr)
-    if curve:
-        log(f"[pretrain] pi_init: {num_params(pi_init) / 1e6:.2f}M params, "
-            f"loss {curve[0]['loss']:.3f} -> {mean_of(curve, 'loss'):.3f}")
     return pi_init
 
 
 def stage_sft(cfg, vocab, splits, pi_init):
     pi_sft = trainable_copy(pi_init)
-    curve = Run(cfg, vocab, splits, stage_config(cfg, "sft")).train(
+    Run(cfg, vocab, splits, stage_config(cfg, "sft")).train(
         pi_sft, "pi_sft", lambda m, b: afd.sft_loss(m, b[0], b[1]), batch_sampler(splits["demos"], cfg, vocab, "sft"),
         cfg.sft_steps, cfg.sft_lr)
-    if curve:
-        log(f"[sft] response NLL {curve[0]['loss']:.3f} -> {mean_of(curve, 'loss'):.3f}")
     return pi_sft
 
 
@@ -746,6 +865,7 @@ def stage_sample(cfg, vocab, splits, pi_init, pi_sft):
     path = os.path.join(cfg.out_dir, "samples.pt")
     state = saved_result(path, stage_cfg, "sample")
     if state is not None:
+        said("sample", f"loaded {path} (up to date)")
         return state["samples"]
     k, prompts = cfg.n_rm_samples, splits["rm_prompts"]
     heldout_prompts = [row[0] for row in splits["heldout"]]
@@ -755,8 +875,8 @@ def stage_sample(cfg, vocab, splits, pi_init, pi_sft):
                "heldout_init": sample(pi_init, heldout_prompts, 1, cfg, vocab, cfg.seed + 3, "sample pi_init"),
                "heldout_sft": sample(pi_sft, heldout_prompts, 2, cfg, vocab, cfg.seed + 4, "sample pi_sft")}
     save_atomic({"samples": samples, "stage_config": stage_cfg}, path)
-    log(f"[sample] {len(samples['init'])} pi_init and {len(samples['sft'])} pi_sft samples on RM prompts, "
-        f"{len(samples['heldout_sft'])} pi_sft on held-out prompts")
+    said("sample", f"sampled {len(samples['init'])} pi_init and {len(samples['sft'])} pi_sft responses on RM "
+                   f"prompts, {len(samples['heldout_sft'])} pi_sft on held-out prompts")
     return samples
 
 
@@ -764,7 +884,7 @@ def train_reward_model(name, cfg, vocab, splits, samples, pi_init):
     """One reward model of reward.RM_NAMES, its trunk from pi_init, trained on its own data
     (the table in reward.py, METHOD.md section 6)."""
     rm = (AVARewardModel if name in AVA else RewardModel).from_policy(pi_init).to(cfg.device)
-    run = Run(cfg, vocab, splits, stage_config(cfg, "rm"))
+    run = Run(cfg, vocab, splits, stage_config(cfg, "rm", unit=name))
     if name == "ava_d":  # demonstrations only
         loss_of_batch = lambda model, b: ava_d_loss(model, b[0], b[1], cfg.ava_lambda, cfg.ava_gamma)
         batch_at = batch_sampler(splits["demos"], cfg, vocab, f"rm_{name}")
@@ -796,9 +916,10 @@ def stage_gold(cfg, vocab, splits, pi_init):
     if cfg.task == "synthetic":
         return (lambda prompts, responses: torch.tensor(
             [data.golden_reward(vocab.decode(p), vocab.decode(r)) for p, r in zip(prompts, responses)]),
-            {"kind": "program", "function": "data.golden_reward"})
+            {"kind": "program", "function": "data.golden_reward", "max": data.GOLDEN_MAX})
     stage_cfg = {**stage_config(cfg, "pretrain"), "gold_rm_steps": cfg.gold_rm_steps,
-                 "gold_init_from": cfg.gold_init_from, "rm_lr": cfg.rm_lr}
+                 "gold_init_from": cfg.gold_init_from, "rm_lr": cfg.rm_lr,
+                 "code": code_versions((*STAGE_CODE["task"], *STAGE_CODE["pretrain"], "train.stage_gold"))}
     trunk = load_gpt2(cfg.gold_init_from, cfg) if cfg.gold_init_from else pi_init
     gold = RewardModel.from_policy(trunk).to(cfg.device)
     run = Run(cfg, vocab, splits, stage_cfg)
@@ -837,7 +958,7 @@ def stage_policies(cfg, vocab, splits, pi_init, pi_sft, reward_models):
     """Each trained method of --methods (afd.py), from pi_sft: {method: policy}."""
     policies = {}
     for method in [m for m in methods_of(cfg) if m != "bon"]:
-        run = Run(cfg, vocab, splits, {**stage_config(cfg, "policy"), "method": method})
+        run = Run(cfg, vocab, splits, stage_config(cfg, "policy", unit=method))
         if method == "afd_adversarial":
             policies[method] = afd.afd_adversarial(pi_init, pi_sft, run, cfg)
         elif method == "irl_iterated":
@@ -894,6 +1015,9 @@ def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, tra
     log("[evaluate] golden reward " + ", ".join(f"{p['name']} {p['golden_reward']:.3f}" for p in policies)
         + (f"; best-of-{N} " + ", ".join(f"{b['rm']} {b['golden_reward']:.3f}" for b in bon_rows if b["n"] == N)
            if bon_rows else ""))
+    said("evaluate", f"golden reward of {', '.join(responses)} on {P} evaluation prompts"
+                     + (f", and {N} pi_sft candidates per prompt scored by {len(reward_models)} reward models"
+                        if bon_rows else ""))
     return policies, bon_rows, examples, tokens
 
 
@@ -910,13 +1034,17 @@ def check_out_dir(cfg):
 
 
 def saved_results(cfg):
-    """results.json of an earlier run with the same config, or None."""
+    """results.json of an earlier run with the same config and code, or None."""
+    path = os.path.join(cfg.out_dir, "results.json")
     try:
-        with open(os.path.join(cfg.out_dir, "results.json")) as f:
+        with open(path) as f:
             results = json.load(f)
     except (OSError, ValueError):
         return None
-    return results if results.get("stage_config") == stage_config(cfg, "evaluate") else None
+    if results.get("stage_config") != (current := stage_config(cfg, "evaluate")):
+        log(f"[evaluate] {changes(results.get('stage_config', {}), current)} since {path}: redoing it")
+        return None
+    return results
 
 
 def main(argv):
@@ -925,8 +1053,10 @@ def main(argv):
     setup_distributed(cfg)
     t0 = time.time()
     task, vocab, splits = stage_task(cfg)
-    if (results := saved_results(cfg)) is not None:
-        log(f"[evaluate] up to date: {cfg.out_dir}/results.json\n" + markdown_tables(results))
+    if (results := saved_results(cfg)) is not None:  # nothing to redo; the report is redrawn from it
+        if is_main():
+            write_report(results, cfg.out_dir)
+        log(f"[evaluate] up to date: {cfg.out_dir}/results.json; report.md rewritten\n" + markdown_tables(results))
         return
     check_memory(cfg, vocab)
     pi_init = stage_pretrain(cfg, vocab, splits)
@@ -938,12 +1068,13 @@ def main(argv):
     policies, bon_rows, examples, tokens = stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft,
                                                           reward_models, trained, golden)
     results = {"preset": cfg.preset, "seed": cfg.seed, "device": cfg.device, "task": cfg.task,
-               "processes": WORLD, "config": asdict(cfg), "stage_config": stage_config(cfg, "evaluate"),
-               "golden_reward": golden_info, "policies": policies, "reward_models": rm_rows,
-               "best_of_n": bon_rows, "ava_token_rewards": tokens, "wall_time_s": time.time() - t0}
+               "processes": WORLD, "config": asdict(cfg), "golden_reward": golden_info, "policies": policies,
+               "reward_models": rm_rows, "best_of_n": bon_rows, "ava_token_rewards": tokens,
+               "examples": examples, "stages": STAGE_LINES, "wall_time_s": time.time() - t0,
+               "stage_config": stage_config(cfg, "evaluate")}
     if is_main():
         write_text(json.dumps(results, indent=2), os.path.join(cfg.out_dir, "results.json"))
-        write_report(results, examples, cfg.out_dir)
+        write_report(results, cfg.out_dir)
     log(markdown_tables(results))
     log(f"[done] {time.time() - t0:.0f} s; wrote {cfg.out_dir}/results.json and report.md")
     if WORLD > 1:

@@ -7,6 +7,8 @@ import pytest
 
 import bench
 
+pytestmark = pytest.mark.slow  # runs the benchmark (against transformers when installed)
+
 TINY = ["--sizes=1x64", "--reps=1", "--warmup=0", "--slow_reps=1", "--prompts=2", "--prompt_len=5",
         "--samples=3", "--new_tokens=4", "--batch=2", "--seq_len=16", "--block_size=32", "--vocab_size=50",
         "--peak_n=256"]
@@ -21,7 +23,7 @@ def run_bench(tmp_path, monkeypatch, capsys):
 
 def test_bench_against_transformers(tmp_path, monkeypatch, capsys):
     if bench.transformers is None:
-        pytest.skip("transformers is not installed")
+        pytest.skip("needs transformers: pip install -r requirements-dev.txt")
     result, printed = run_bench(tmp_path, monkeypatch, capsys)
     size = result["results"][0]
     assert size["max_logit_diff"] < 1e-4  # the same weights on both sides

@@ -164,7 +164,7 @@ def hf_tiny(tmp_path):
     """A tiny random transformers GPT2LMHeadModel (large weights, so every detail shows in the logits),
     saved with save_pretrained (model.safetensors + config.json) and loaded into our GPT."""
     transformers = pytest.importorskip(
-        "transformers", reason="transformers (requirements-dev.txt) is needed for the parity test")
+        "transformers", reason="needs transformers: pip install -r requirements-dev.txt")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100,
                                   bos_token_id=99, eos_token_id=99, pad_token_id=99)
@@ -178,6 +178,7 @@ def hf_tiny(tmp_path):
     return hf, ours, tmp_path
 
 
+@pytest.mark.slow  # imports transformers
 def test_gpt2_logits_match_transformers(hf_tiny):
     hf, ours, path = hf_tiny
     assert ours.config == GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32,
@@ -189,12 +190,14 @@ def test_gpt2_logits_match_transformers(hf_tiny):
     print(f"max |logit diff| = {(got - ref).abs().max().item():.3g} (logit std {ref.std().item():.3g})")
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     # our reader agrees with the reference safetensors package on transformers' own file
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = pytest.importorskip(
+        "safetensors.torch", reason="needs safetensors (installed with transformers: requirements-dev.txt)")
     theirs, mine = (load(path / "model.safetensors") for load in (safetensors_torch.load_file, read_safetensors))
     assert sorted(theirs) == sorted(mine)
     assert all(torch.equal(theirs[k], mine[k]) for k in theirs)
 
 
+@pytest.mark.slow  # imports transformers
 def test_gpt2_greedy_generation_matches_transformers(hf_tiny):
     hf, ours, _ = hf_tiny
     g = torch.Generator().manual_seed(2)

@@ -10,7 +10,9 @@ from data import ASSISTANT, EOT, HUMAN, DataError
 
 # The first 300 dialogues of harmless-base/test.jsonl.gz, shared beside the repository.
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
-needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason=f"{FIXTURE} not found")
+needs_fixture = pytest.mark.skipif(
+    not FIXTURE.exists(), reason=f"needs the HH-RLHF sample {FIXTURE}, outside the repository (the first 300 "
+                                 "dialogues of HH-RLHF harmless-base/test.jsonl.gz, in ../shared beside the project)")
 EMPTY_LINE = 87  # the one fixture line whose chosen response is a lone space
 
 

@@ -1,5 +1,7 @@
 """The methods of afd.py on tiny models: one sampling step, the adversarial and RL steps, a
-round of iterated IRL and a stage of IRFT through a real train.Run; and train.py's command line."""
+round of iterated IRL and a stage of IRFT through a real train.Run; and train.py's command line.
+The steps and methods use several objectives at once, and the command-line tests start train.py:
+they are marked slow (in-process parsing and sample_batch stay in the fast suite)."""
 import dataclasses
 import json
 import math
@@ -79,6 +81,7 @@ def test_sample_batch_is_k_rows_per_prompt_prompt_major_with_the_prompt_masked(t
         assert (targets[row, last[row]:] == -100).all()
 
 
+@pytest.mark.slow
 def test_adversarial_step_trains_the_discriminator_only(tiny_gpt):
     pi = tiny_gpt()
     policy, ref, disc = trainable_copy(pi), frozen_copy(pi), RewardModel.from_policy(pi)
@@ -95,6 +98,7 @@ def test_adversarial_step_trains_the_discriminator_only(tiny_gpt):
     assert all(p.grad is None for p in ref.parameters())
 
 
+@pytest.mark.slow
 def test_rl_step_on_a_constant_reward_is_exactly_zero(tiny_gpt):
     pi = tiny_gpt()
     policy, ref = trainable_copy(pi), frozen_copy(pi)
@@ -105,6 +109,7 @@ def test_rl_step_on_a_constant_reward_is_exactly_zero(tiny_gpt):
     assert all((p.grad == 0).all() for p in policy.parameters())
 
 
+@pytest.mark.slow
 def test_rl_step_on_a_reward_for_one_token_makes_it_more_likely(tiny_gpt):
     pi = tiny_gpt()
     policy, ref = trainable_copy(pi), frozen_copy(pi)
@@ -123,6 +128,7 @@ def test_rl_step_on_a_reward_for_one_token_makes_it_more_likely(tiny_gpt):
 # ----------------------------------------------------------------------------------------
 # Whole methods, through a real train.Run
 
+@pytest.mark.slow
 def test_irl_round_aggregates_demonstration_triples_and_trains_both_models(tiny_gpt, tmp_path):
     run = tiny_run(tmp_path)
     pi = tiny_gpt()
@@ -139,6 +145,7 @@ def test_irl_round_aggregates_demonstration_triples_and_trains_both_models(tiny_
     assert all(demo == demo_of[tuple(prompt)] for prompt, demo, _ in more)
 
 
+@pytest.mark.slow
 def test_irft_stage_starts_at_log2_and_writes_its_checkpoint(tiny_gpt, tmp_path):
     run = tiny_run(tmp_path)
     policy = trainable_copy(tiny_gpt())
@@ -150,22 +157,24 @@ def test_irft_stage_starts_at_log2_and_writes_its_checkpoint(tiny_gpt, tmp_path)
     assert (tmp_path / "policy_irft_stage0.pt").exists() and changed(before, policy)
 
 
+@pytest.mark.slow
 def test_a_method_run_again_with_the_same_config_loads_instead_of_training(tiny_gpt, tmp_path, capsys):
     pi_sft, run, same = tiny_gpt(), tiny_run(tmp_path), tiny_run(tmp_path)
     first = afd.irft(pi_sft, run, run.cfg)
     capsys.readouterr()
     again = afd.irft(pi_sft, same, same.cfg)
     path = tmp_path / "policy_irft_stage0.pt"
-    assert f"[policy_irft_stage0] up to date: {path}" in capsys.readouterr().out
+    assert f"[policy_irft_stage0] loaded {path} (up to date)" in capsys.readouterr().out
     assert not changed(snapshot(first), again)
     other = tiny_run(tmp_path, pg_lr=3e-3)
     afd.irft(pi_sft, other, other.cfg)
-    assert f"[policy_irft_stage0] {path} was made with another config: redoing it" in capsys.readouterr().out
+    assert f"[policy_irft_stage0] pg_lr 0.01 -> 0.003 since {path}: redoing it" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------
 # The command line
 
+@pytest.mark.slow
 def test_help_lists_every_field_with_its_default_by_stage(run):
     for flag in ("--help", "-h"):
         proc = run(flag, env={**os.environ, "COLUMNS": "1000"})  # no line wrapping
@@ -189,6 +198,7 @@ def test_a_misspelt_option_suggests_the_field(capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, message", [
     ("--device=gpu", "--device='gpu': choose auto, cpu"),
     ("--dropout=2", "--dropout=2.0 must be in [0, 1)"),

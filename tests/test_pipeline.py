@@ -1,5 +1,6 @@
 """The command line and one end-to-end run of the whole pipeline (--preset=smoke)."""
 import gzip
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_FIXTURE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
+pytestmark = pytest.mark.slow  # each test runs train.py end to end
 
 
 def test_smoke_pipeline_writes_valid_results(run, tmp_path):
@@ -56,6 +58,22 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
     report = (out / "report.md").read_text()
     assert "| policy |" in report and "## Samples" in report and "## Policy training" in report
     assert "## AVA-d per-token rewards" in report and "| token | mean | std |" in report
+    # a report that teaches: how to read it, the command that reruns it, a verdict on every row
+    assert report.index("## How to read this report") < report.index("| policy |")
+    assert "python train.py --preset=smoke --seed=0" in report and "--bon_n=8" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and " ± " in line
+            and not line.startswith(("| sft |", "| demonstrations |"))]
+    assert len(rows) == len(names) - 2 + len(bon)  # every policy but SFT, every Best-of-n entry
+    assert all(any(v in row for v in ("| better |", "| worse |", "| no clear difference |")) for row in rows)
+    assert "> **Human:**" in report and "\\n\\nHuman" not in report  # prompts as dialogue, not reprs
+    assert "- pi_sft: trained 15 steps: loss" in report and "- policy_irft_stage1: trained" in report
+    # a log that fits a file: stage lines, no progress-bar redraws
+    assert "\r" not in proc.stderr and len(proc.stdout) + len(proc.stderr) < 12_000
+    assert "[pi_sft] trained 15 steps: loss" in proc.stdout
+    if importlib.util.find_spec("matplotlib"):  # in requirements.txt; the plot is skipped without it
+        assert (out / "golden_vs_kl.png").stat().st_size > 10_000
+    else:
+        assert "matplotlib is not installed" in proc.stdout
 
 
 def test_methods_option_picks_the_methods(run, tmp_path):
@@ -97,7 +115,8 @@ def test_unknown_option_and_bad_value_are_one_clear_error(run, tmp_path):
 
 def test_hh_smoke_runs_the_whole_pipeline_on_the_fixture(run, tmp_path):
     if not HH_FIXTURE.exists():
-        pytest.skip(f"the HH-RLHF fixture {HH_FIXTURE} is not there (../shared beside the project)")
+        pytest.skip(f"needs the HH-RLHF sample {HH_FIXTURE}, outside the repository (the first 300 "
+                    "dialogues of Anthropic HH-RLHF harmless-base/test.jsonl.gz, in ../shared beside the project)")
     lines = gzip.open(HH_FIXTURE, "rt", encoding="utf-8").read().splitlines(keepends=True)
     data_dir = tmp_path / "hh" / "harmless-base"
     data_dir.mkdir(parents=True)

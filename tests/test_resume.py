@@ -22,9 +22,11 @@ ARGS = ["--preset=smoke", "--device=cpu", "--pretrain_steps=300", "--ckpt_every=
 
 
 def comparable(out_dir):
-    """results.json without what may differ between two equal runs (wall time, out dir)."""
+    """results.json without what may differ between two equal runs (wall time, out dir, and
+    which stages were trained or loaded)."""
     results = json.loads((Path(out_dir) / "results.json").read_text())
     results.pop("wall_time_s")
+    results.pop("stages")
     results["config"].pop("out_dir")
     return results
 
@@ -42,6 +44,7 @@ def finished(run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_results(run, finished, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "train.py", *ARGS, f"--out_dir={out}"]
@@ -60,20 +63,75 @@ def test_killed_run_resumes_to_the_same_results(run, finished, tmp_path):
     assert comparable(out) == comparable(finished)  # bit-identical on the CPU
 
 
+@pytest.mark.slow
 def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(run, finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished, out)
+    (out / "report.md").unlink()  # a derived file: redrawn from results.json, no stage redone
     same = run(*ARGS, f"--out_dir={out}")
     assert same.returncode == 0 and "[evaluate] up to date" in same.stdout
+    assert "## How to read this report" in (out / "report.md").read_text()
     assert comparable(out) == comparable(finished)
     changed = run(*ARGS, f"--out_dir={out}", "--rm_lr=1e-3")
     assert changed.returncode == 0, changed.stderr[-2000:]
     for label, path in [("pi_init", "pi_init.pt"), ("pi_sft", "pi_sft.pt"), ("sample", "samples.pt")]:
-        assert f"[{label}] up to date: {out / path}" in changed.stdout
-    assert f"[rm_init_sft] {out / 'rm_init_sft.pt'} was made with another config: redoing it" in changed.stdout
+        assert f"[{label}] loaded {out / path} (up to date)" in changed.stdout
+    assert f"[rm_init_sft] rm_lr 0.0003 -> 0.001 since {out / 'rm_init_sft.pt'}: redoing it" in changed.stdout
     assert comparable(out)["config"]["rm_lr"] == 1e-3
     assert comparable(out)["policies"][:3] == comparable(finished)["policies"][:3]  # same pi_init, pi_sft
     assert comparable(out)["reward_models"] != comparable(finished)["reward_models"]
+
+
+PROJECT = ["model.py", "data.py", "reward.py", "afd.py", "report.py", "train.py", "assets"]
+
+
+@pytest.mark.slow
+def test_an_edited_loss_redoes_the_runs_that_call_it_and_nothing_else(finished, tmp_path):
+    """A student edits afd.irft_loss and reruns: the IRFT stages are retrained (the log says
+    which function changed), evaluation is redone, everything else is loaded."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in PROJECT:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, project / name)
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    afd_py = project / "afd.py"
+    source = afd_py.read_text()
+    line = "    return -F.logsigmoid(beta * margin).mean()"
+    assert line in source
+    afd_py.write_text(source.replace(line, line.replace("beta *", "2 * beta *")))
+    rerun = subprocess.run([sys.executable, "train.py", *ARGS, f"--out_dir={out}"], cwd=project,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    loaded = ["pi_init", "pi_sft", "rm_init_sft", "rm_pref", "rm_ava_d", "policy_afd_adversarial",
+              "policy_irl_iterated_round1", "policy_rl_init_sft", "policy_rl_ava_d"]
+    for name in loaded:
+        assert f"[{name}] loaded {out / name}.pt (up to date)" in rerun.stdout, name
+    assert "[sample] loaded" in rerun.stdout
+    for name in ["policy_irft_stage0", "policy_irft_stage1"]:
+        assert f"[{name}] afd.irft_loss changed since {out / name}.pt: redoing it" in rerun.stdout
+        assert f"[{name}] trained " in rerun.stdout
+    assert f"[evaluate] afd.irft_loss changed since {out / 'results.json'}: redoing it" in rerun.stdout
+    changed = {p["name"] for p in comparable(out)["policies"]} - {
+        a["name"] for a, b in zip(comparable(out)["policies"], comparable(finished)["policies"]) if a == b}
+    assert changed <= {"irft"}
+
+
+def test_code_versions_follow_references_across_modules(tmp_path):
+    """The code stamp of a root holds every project name it reaches, and only those."""
+    (tmp_path / "model.py").write_text("SCALE = 2\n\ndef helper(x):\n    return SCALE * x\n\n"
+                                       "def unused(x):\n    return x\n")
+    (tmp_path / "afd.py").write_text("import model\nfrom model import helper as h\n\n"
+                                     "def loss(x):\n    return h(x) + model.SCALE\n")
+    before = train.code_versions(("afd.loss",), folder=str(tmp_path))
+    assert sorted(before) == ["afd.loss", "model.SCALE", "model.helper"]
+    (tmp_path / "model.py").write_text("SCALE = 3\n\ndef helper(x):\n    return SCALE * x\n\n"
+                                       "def unused(x):\n    return -x\n")
+    train.module_names.cache_clear(), train.code_versions.cache_clear()
+    after = train.code_versions(("afd.loss",), folder=str(tmp_path))
+    assert [k for k in before if before[k] != after[k]] == ["model.SCALE"]
+    assert train.changes({"code": before, "sft_lr": 1}, {"code": after, "sft_lr": 2}) == \
+        "sft_lr 1 -> 2; model.SCALE changed"
 
 
 def write_lines(path, lines):
@@ -85,6 +143,7 @@ def demo_line(prompt="\n\nHuman: Hi there\n\nAssistant:", response=" Hello!"):
     return json.dumps({"prompt": prompt, "response": response})
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_clear_error_and_keep_earlier_files(run, finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished, out)
@@ -125,6 +184,7 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_would_run_code_is_refused(run, tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "pi_init.pt"
@@ -174,6 +234,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     assert kept["step"] == 4 and [r["step"] for r in kept["curve"]] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_agree_with_one(finished, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

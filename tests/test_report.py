@@ -1,0 +1,51 @@
+"""What a reader sees: report.md's verdicts, dialogues and rerun command, and progress in a log file."""
+import io
+import shlex
+import sys
+
+import pytest
+
+import report
+import train
+
+SFT = {"name": "sft", "golden_reward": 1.0, "golden_reward_stderr": 0.3}
+
+
+@pytest.mark.parametrize("value, stderr, z, verdict", [
+    (2.0, 0.4, 2.0, "better"),                  # (2.0 - 1.0) / sqrt(0.4^2 + 0.3^2) = 1 / 0.5
+    (0.0, 0.4, -2.0, "worse"),
+    (1.9, 0.4, 1.8, "no clear difference"),     # 0.9 / 0.5
+])
+def test_verdict_is_the_difference_in_standard_errors_at_two(value, stderr, z, verdict):
+    got_z, got_verdict = report.difference_from_sft(value, stderr, SFT)
+    assert got_z == pytest.approx(z) and got_verdict == verdict
+
+
+def test_a_prompt_is_shown_as_a_dialogue():
+    prompt = "\n\nHuman: Hi, my name is Rosa.\n\nAssistant: Hello Rosa!\n\nHuman: What is my name?\n\nAssistant:"
+    assert report.dialogue(prompt, " Rosa.<|endoftext|>").splitlines() == [
+        "> **Human:** Hi, my name is Rosa.  ", "> **Assistant:** Hello Rosa!  ",
+        "> **Human:** What is my name?  ", "> **Assistant:** Rosa. [end of text]  "]
+
+
+def test_the_rerun_command_parses_back_to_the_same_config():
+    cfg = train.Config(preset="smoke", seed=3, demos="my demos.jsonl", bf16=False, methods="bon,irft")
+    command = report.config_command(train.asdict(cfg))
+    argv = shlex.split(command.replace("\\\n", " "))[2:]  # as a shell reads it, after "python train.py"
+    parsed = train.parse_args(argv + ["--device=cpu", f"--out_dir={cfg.out_dir}"])
+    assert {k: v for k, v in train.asdict(parsed).items() if k != "device"} == \
+        {k: v for k, v in train.asdict(cfg).items() if k != "device"}
+
+
+def test_progress_in_a_log_file_is_a_line_at_an_interval_not_a_redraw(monkeypatch):
+    err = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 0.0)  # a line after every step
+    bar = train.progress(range(3), desc="pi_sft", total=3)
+    for step in bar:
+        bar.set_postfix(loss=f"{step:.3f}")
+    assert err.getvalue().splitlines()[0].startswith("[pi_sft] 1/3 (33%), loss=0.000, ")
+    assert len(err.getvalue().splitlines()) == 3 and "\r" not in err.getvalue()
+    err.truncate(0)
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 3600.0)
+    assert list(train.progress(range(5), desc="quiet")) == list(range(5)) and err.getvalue() == ""
