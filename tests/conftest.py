@@ -1,15 +1,21 @@
-"""What the tests share: the project on sys.path, a tiny GPT, and `python train.py ARGS`."""
+"""What the tests share: the project on sys.path, a tiny GPT, `python train.py ARGS`, and an
+independent token_logprobs for tests that must not depend on that objective (course mode:
+`python course.py check` removes one objective at a time and expects only its own tests to fail)."""
 import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import GPT, GPTConfig  # noqa: E402  (after the sys.path line above)
+import afd  # noqa: E402  (after the sys.path line above)
+import model  # noqa: E402
+import reward  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 
 @pytest.fixture
@@ -20,6 +26,24 @@ def tiny_gpt():
         torch.manual_seed(seed)
         return GPT(GPTConfig(**{**dict(block_size=16, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16), **config}))
     return make
+
+
+def reference_token_logprobs(gpt, idx, targets):
+    """model.token_logprobs written another way: minus the per-token cross-entropy, which is 0 where
+    targets == -100. (B, T) float32."""
+    logits, _ = gpt(idx)                                             # (B, T, V)
+    return -F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+
+
+@pytest.fixture
+def reference_logprobs(monkeypatch):
+    """Replaces model.token_logprobs, wherever a module looks it up by name, by the reference above,
+    so that a test of another objective (sft_loss, LogRatioReward, ...) does not depend on it.
+    model.sequence_logprob looks it up in model, so it is covered too. Returns the reference."""
+    for module in (model, afd, reward):
+        if hasattr(module, "token_logprobs"):
+            monkeypatch.setattr(module, "token_logprobs", reference_token_logprobs)
+    return reference_token_logprobs
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,484 @@
+"""The objectives of course.OBJECTIVES, each tested on its own (course mode).
+
+One test or more per objective, named test_<short name>_... (the function's name; for a method,
+the class in snake case, then the method) and marked @pytest.mark.objective("<module>.<name>").
+Expected values are worked out by hand in the comments, or computed by an independent formula
+(a loop, a brute-force enumeration, torch.distributions, math.log). A test never depends on
+another objective: where the objective calls one (sft_loss calls token_logprobs, best_of_n_estimate
+calls order_statistic_weights, ...), the test first replaces it by a reference written here or in
+conftest.py, so that a mistake in one objective fails only that objective's tests.
+
+A student who has written, say, afd.sft_loss grades it with
+
+    python -m pytest -m "not slow" -k sft_loss
+
+and an instructor checks that each objective's tests, and only those, fail without it with
+`python course.py check` (`python course.py list` prints the objectives and their tests).
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+import afd
+import model as model_module
+import reward
+from data import make_batch
+from model import GPT, GPTConfig, frozen_copy, generate
+
+LN2, LN3 = math.log(2), math.log(3)
+
+
+# ----------------------------------------------------------------------------------------
+# References that stand in for one objective while another is tested
+
+def reference_order_statistic_weights(N, n):
+    """C(i-1, n-1) / C(N, n) for i = 1..N, float64 (checked against enumeration below)."""
+    return torch.tensor([math.comb(i - 1, n - 1) / math.comb(N, n) for i in range(1, N + 1)], dtype=torch.float64)
+
+
+def reference_rloo_advantages(rewards):
+    """A_i = r_i - mean_{j != i} r_j, with a loop over each group's members."""
+    P, K = rewards.shape
+    others = [[torch.cat([rewards[p, :i], rewards[p, i + 1:]]).mean() for i in range(K)] for p in range(P)]
+    return rewards - torch.stack([torch.stack(row) for row in others])
+
+
+def reference_gaussian_kl_to_prior(mu, log_sigma):
+    return torch.distributions.kl_divergence(torch.distributions.Normal(mu, log_sigma.exp()),
+                                             torch.distributions.Normal(0.0, 1.0))
+
+
+def reference_gaussian_logpdf(x, mu, log_sigma):
+    return torch.distributions.Normal(mu, log_sigma.exp()).log_prob(x)
+
+
+def reference_td_differences(q_taken, mask, gamma):
+    """Q(s_t, y_{t+1}) - gamma * Q(s_{t+1}, y_{t+2}) on the mask, next Q = 0 at the end; a loop."""
+    td = torch.zeros_like(q_taken)
+    B, T = q_taken.shape
+    for b, t in itertools.product(range(B), range(T)):
+        q_next = q_taken[b, t + 1] if t + 1 < T and mask[b, t + 1] else 0.0
+        td[b, t] = q_taken[b, t] - gamma * q_next
+    return td
+
+
+class FixedLogprobs:
+    """A stand-in language model whose log-probabilities of the given targets are a fixed table
+    (B, T): two-token vocabulary, the target's logit log p and the other's log(1 - p), so that
+    log softmax(logits)[target] = log p whichever way a loss gets there. Off the targets (-100)
+    both tokens get probability 1/2."""
+
+    def __init__(self, logp, targets):
+        p = torch.where(targets != -100, logp.exp(), torch.full_like(logp, 0.5))
+        y = targets.clamp(min=0)                                     # the target token, 0 or 1
+        self.logits = torch.stack([torch.where(y == 0, p, 1 - p), torch.where(y == 1, p, 1 - p)], -1).log()
+
+    def __call__(self, idx, targets=None):
+        return self.logits, None
+
+
+# ----------------------------------------------------------------------------------------
+# 1. model.token_logprobs
+
+def batch_with_prompts_and_padding():
+    """Two rows: prompt [1, 2] then 3 response tokens, and prompt [4] then 1 response token and
+    padding; targets a non-contiguous view, as idx[:, 1:] would be."""
+    idx, targets, _ = make_batch([[1, 2], [4]], [[5, 6, 7], [8]], pad_id=0)
+    return idx, torch.cat([targets, targets[:, :1]], 1)[:, :-1]
+
+
+@pytest.mark.objective("model.token_logprobs")
+def test_token_logprobs_match_a_loop_over_rows_and_tokens(tiny_gpt):
+    gpt = tiny_gpt()
+    idx, targets = batch_with_prompts_and_padding()
+    assert not targets.is_contiguous()
+    logits, _ = gpt(idx)
+    out = model_module.token_logprobs(gpt, idx, targets)
+    assert out.shape == targets.shape and out.dtype == torch.float32
+    for b, t in itertools.product(*map(range, targets.shape)):
+        y = int(targets[b, t])
+        if y == -100:
+            assert out[b, t].item() == 0.0, (b, t)  # exactly 0 off the response
+        else:  # log p(y | idx[b, :t+1]) = logit - log sum exp of the logits at position t
+            expected = logits[b, t, y] - torch.logsumexp(logits[b, t], dim=0)
+            assert out[b, t].item() == pytest.approx(expected.item(), abs=1e-5), (b, t)
+    out.sum().backward()  # the losses train through it
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gpt.parameters())
+
+
+@pytest.mark.objective("model.token_logprobs")
+def test_token_logprobs_are_float32_for_a_bfloat16_model(tiny_gpt):
+    gpt = tiny_gpt().to(torch.bfloat16)
+    idx, targets = batch_with_prompts_and_padding()
+    out = model_module.token_logprobs(gpt, idx, targets)
+    assert out.dtype == torch.float32  # log_softmax of bfloat16 logits loses too much
+    expected = torch.log_softmax(gpt(idx)[0].float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(out[targets != -100], expected[targets != -100])
+
+
+# ----------------------------------------------------------------------------------------
+# 2. afd.sft_loss
+
+@pytest.mark.objective("afd.sft_loss")
+def test_sft_loss_by_hand_is_the_mean_over_response_tokens(reference_logprobs):
+    logp = torch.tensor([[0.0, -1.0, -2.0, -3.0],
+                         [0.0, 0.0, -6.0, 0.0]])
+    targets = torch.tensor([[-100, 1, 0, 1],
+                            [-100, -100, 1, -100]])
+    gpt = FixedLogprobs(logp, targets)
+    # 4 response tokens: -(-1 - 2 - 3 - 6) / 4 = 3
+    # (a sum gives 12, a mean over all 8 entries 1.5, over the batch of 2 rows 6, a mean of the
+    # row means (2 + 6) / 2 = 4)
+    assert afd.sft_loss(gpt, torch.zeros(2, 4, dtype=torch.long), targets).item() == pytest.approx(3.0)
+
+
+@pytest.mark.objective("afd.sft_loss")
+def test_sft_loss_is_the_masked_response_nll_and_never_nan(tiny_gpt, reference_logprobs):
+    model = tiny_gpt()
+    idx = torch.randint(0, 12, (2, 6))
+    targets = torch.full((2, 6), -100)
+    loss = afd.sft_loss(model, idx, targets)  # a fully masked batch
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    targets[0, 2:5] = idx[0, 3:6]  # three response tokens in the first row only
+    logits, _ = model(idx)
+    logp = torch.log_softmax(logits.float(), -1)[0, 2:5].gather(1, idx[0, 3:6, None])
+    assert afd.sft_loss(model, idx, targets).item() == pytest.approx(-logp.mean().item(), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. afd.discriminator_loss
+
+@pytest.mark.objective("afd.discriminator_loss")
+def test_discriminator_loss_by_hand():
+    # positives r = 0, ln 3:   -log sigma(0) = ln 2,  -log sigma(ln 3) = -log 3/4 = ln 4/3
+    # negatives r = 0, -ln 3, ln 3:  -log sigma(-r) = ln 2, ln 4/3, ln 4
+    # each class averaged on its own: (ln 2 + ln 4/3) / 2 + (ln 2 + ln 4/3 + ln 4) / 3
+    r_pos, r_neg = torch.tensor([0.0, LN3]), torch.tensor([0.0, -LN3, LN3])
+    expected = (LN2 + math.log(4 / 3)) / 2 + (LN2 + math.log(4 / 3) + math.log(4)) / 3
+    assert afd.discriminator_loss(r_pos, r_neg).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.objective("afd.discriminator_loss")
+def test_discriminator_loss_gradient_vanishes_at_the_log_density_ratio():
+    """Free logits r(y) for 4 outcomes, 10 positives drawn as d_pos and 20 negatives as d_neg (exact
+    frequencies): the loss is stationary at r* = log d_pos - log d_neg, not elsewhere. With unequal
+    class sizes this needs each class averaged on its own (a mean over all 30 rows, or sums, move
+    the optimum to log(10 d_pos) - log(20 d_neg))."""
+    d_pos, d_neg = torch.tensor([0.5, 0.3, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    pos = torch.tensor([0] * 5 + [1] * 3 + [2] + [3])
+    neg = torch.tensor([0] * 2 + [1] * 4 + [2] * 6 + [3] * 8)
+    r = (d_pos / d_neg).log().requires_grad_()
+    afd.discriminator_loss(r[pos], r[neg]).backward()
+    assert r.grad.abs().max() < 1e-6
+    r0 = torch.zeros(4, requires_grad=True)
+    afd.discriminator_loss(r0[pos], r0[neg]).backward()
+    assert r0.grad.abs().max() > 0.1  # and the check is not vacuous
+
+
+# ----------------------------------------------------------------------------------------
+# 4. afd.rloo_advantages, afd.policy_gradient_loss
+
+@pytest.mark.objective("afd.rloo_advantages")
+def test_rloo_advantages_leave_one_out_and_exactly_zero_for_equal_rewards():
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [0.1, 0.1, 0.1]])
+    # 1 - (2 + 6)/2, 2 - (1 + 6)/2, 6 - (1 + 2)/2; a mean that includes r_i gives -2, -1, 3
+    expected = torch.tensor([[1 - 4.0, 2 - 3.5, 6 - 1.5], [0.0, 0.0, 0.0]])
+    assert torch.allclose(afd.rloo_advantages(rewards), expected)
+    for K in (2, 3, 5, 7):
+        equal = torch.full((4, K), 0.1) * torch.arange(1, 5)[:, None] / 3  # rows of equal, inexact floats
+        assert (afd.rloo_advantages(equal) == 0).all()
+
+
+@pytest.mark.objective("afd.rloo_advantages")
+def test_rloo_advantages_of_two_samples_are_their_difference():
+    # K = 2: A_1 = r_1 - r_2 and A_2 = r_2 - r_1 (the first reward as baseline gives 0 and 2)
+    assert afd.rloo_advantages(torch.tensor([[3.0, 5.0], [1.0, -1.0]])).tolist() == [[-2.0, 2.0], [2.0, -2.0]]
+
+
+@pytest.mark.objective("afd.policy_gradient_loss")
+def test_policy_gradient_loss_by_hand(monkeypatch):
+    """Two prompts, K = 2 samples each, 2 positions (the second row of each group has one token;
+    its second entry, 9, is off the mask and must not count)."""
+    monkeypatch.setattr(afd, "rloo_advantages", reference_rloo_advantages)
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 9.0], [-1.0, -1.0], [-2.0, 9.0]], requires_grad=True)
+    logp_ref = torch.tensor([[-1.5, -2.0], [-0.5, 7.0], [-1.0, -2.0], [-1.0, 7.0]])
+    mask = torch.tensor([[True, True], [True, False], [True, True], [True, False]])
+    rewards = torch.tensor([1.0, 2.0, 0.0, 3.0])
+    loss, kl = afd.policy_gradient_loss(logp, logp_ref, mask, rewards, group_size=2, beta_kl=0.5)
+    # kl_i = sum over the mask of logp - logp_ref: 0.5 + 0, 0, 0 + 1, -1
+    assert kl.tolist() == [0.5, 0.0, 1.0, -1.0]
+    # r~ = r - 0.5 kl = 0.75, 2, -0.5, 3.5; A (K = 2: r~_i - r~_other) = -1.25, 1.25, -4, 4
+    # sum_t logp on the mask = -3, -0.5, -2, -2
+    # L = -mean_i A_i sum_t logp = -(3.75 - 0.625 + 8 - 8) / 4 = -0.78125
+    # (KL with a + sign: -0.46875; KL subtracted after the baseline, A = rloo(r) - 0.5 kl: -0.8125)
+    assert loss.item() == pytest.approx(-0.78125, abs=1e-6)
+    # dL/dlogp[i, t] = -A_i / 4 on the mask: A is a constant, the KL term carries no gradient
+    loss.backward()
+    expected = torch.tensor([[0.3125, 0.3125], [-0.3125, 0.0], [1.0, 1.0], [-1.0, 0.0]])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+@pytest.mark.objective("afd.policy_gradient_loss")
+def test_policy_gradient_loss_moves_a_bandit_policy_to_the_best_action(monkeypatch):
+    """A one-step bandit: 3 actions with rewards 0, 1, 0.2; the policy is a table of logits."""
+    monkeypatch.setattr(afd, "rloo_advantages", reference_rloo_advantages)
+    torch.manual_seed(0)
+    logits = torch.zeros(3, requires_grad=True)
+    reward_of = torch.tensor([0.0, 1.0, 0.2])
+    opt = torch.optim.SGD([logits], lr=0.5)
+    P, K = 16, 4
+    for _ in range(60):
+        actions = torch.multinomial(torch.softmax(logits.detach(), 0), P * K, replacement=True)
+        logp = torch.log_softmax(logits, 0)[actions][:, None]  # (B, 1): a one-token response
+        loss, kl = afd.policy_gradient_loss(logp, logp.detach(), torch.ones_like(logp, dtype=torch.bool),
+                                            reward_of[actions], K, beta_kl=0.1)
+        assert (kl == 0).all()  # the reference is the policy itself here
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.softmax(logits, 0)[1] > 0.9
+
+
+@pytest.mark.objective("afd.policy_gradient_loss")
+def test_policy_gradient_loss_gradient_is_zero_when_all_rewards_are_equal(monkeypatch):
+    monkeypatch.setattr(afd, "rloo_advantages", reference_rloo_advantages)
+    logits = torch.randn(5, requires_grad=True)
+    actions = torch.tensor([0, 1, 2, 3, 4, 0])
+    logp = torch.log_softmax(logits, 0)[actions][:, None]
+    loss, _ = afd.policy_gradient_loss(logp, logp.detach(), torch.ones_like(logp, dtype=torch.bool),
+                                       torch.full((6,), 0.3), group_size=3, beta_kl=0.5)
+    loss.backward()
+    assert (logits.grad == 0).all()
+
+
+# ----------------------------------------------------------------------------------------
+# 6. reward.bradley_terry_loss, reward.LogRatioReward.forward
+
+@pytest.mark.objective("reward.bradley_terry_loss")
+def test_bradley_terry_loss_by_hand():
+    # margins r+ - r- = ln 3 and 0: -log sigma(ln 3) = ln 4/3, -log sigma(0) = ln 2; mean ln(8/3) / 2
+    # (chosen and rejected swapped: (ln 4 + ln 2) / 2; a sum: ln(8/3))
+    chosen, rejected = torch.tensor([1.0, 5.0], requires_grad=True), torch.tensor([1.0 - LN3, 5.0])
+    loss = reward.bradley_terry_loss(chosen, rejected)
+    assert loss.item() == pytest.approx(math.log(8 / 3) / 2, abs=1e-6)
+    loss.backward()  # d/dr+ = -(1 - sigma(margin)) / 2 = -1/8, -1/4: a step raises the chosen ones
+    torch.testing.assert_close(chosen.grad, torch.tensor([-0.125, -0.25]))
+
+
+@pytest.mark.objective("reward.LogRatioReward.forward")
+def test_log_ratio_reward_forward_is_the_difference_of_sequence_logprobs(tiny_gpt, reference_logprobs):
+    pi_init, pi_sft = tiny_gpt(seed=0), tiny_gpt(seed=1)
+    scorer = reward.LogRatioReward(pi_sft, pi_init)
+    assert not any(p.requires_grad for p in scorer.parameters())
+    idx, targets, last = make_batch([[1, 2], [3, 4, 5], [6]], [[7, 8, 9], [10, 11], [1, 2, 3, 4]], pad_id=0)
+    # log pi_sft(y|x) - log pi_init(y|x): sums over each row's response tokens, not means
+    expected = (reference_logprobs(pi_sft, idx, targets) - reference_logprobs(pi_init, idx, targets)).sum(1)
+    torch.testing.assert_close(scorer(idx, targets, last), expected.detach())
+    assert expected.abs().min() > 1e-3  # the check is not trivially 0 == 0
+    same = reward.LogRatioReward(pi_init, pi_init)
+    assert torch.allclose(same(idx, targets, last), torch.zeros(3), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# 8. afd.irft_loss
+
+@pytest.mark.objective("afd.irft_loss")
+def test_irft_loss_matches_the_hand_computed_value_and_is_log2_at_the_reference():
+    logp_demo, logp_ref_demo = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -5.0])
+    logp_sample, logp_ref_sample = torch.tensor([-2.0, -6.0]), torch.tensor([-1.0, -6.5])
+    beta = 0.5
+    # margins: ((-3+4) - (-2+1)) = 2, ((-5+5) - (-6+6.5)) = -0.5
+    expected = -(math.log(1 / (1 + math.exp(-1.0))) + math.log(1 / (1 + math.exp(0.25)))) / 2
+    got = afd.irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, beta)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    same = afd.irft_loss(logp_demo, logp_demo, logp_sample, logp_sample, beta)
+    assert same.item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+# ----------------------------------------------------------------------------------------
+# 9. afd.order_statistic_weights, afd.best_of_n_estimate, afd.kl_bound
+
+@pytest.mark.objective("afd.order_statistic_weights")
+def test_order_statistic_weights_by_hand():
+    # N = 4, n = 2: C(4, 2) = 6 pairs; the i-th smallest is the best of C(i-1, 1) = i-1 of them
+    torch.testing.assert_close(afd.order_statistic_weights(4, 2), torch.tensor([0, 1, 2, 3], dtype=torch.float64) / 6)
+    # N = 5, n = 3: C(5, 3) = 10 triples; C(i-1, 2) = 0, 0, 1, 3, 6 of them have the i-th as best
+    torch.testing.assert_close(afd.order_statistic_weights(5, 3),
+                               torch.tensor([0, 0, 1, 3, 6], dtype=torch.float64) / 10)
+    # n = 1: a uniform draw; n = N: always the largest
+    torch.testing.assert_close(afd.order_statistic_weights(4, 1), torch.full((4,), 0.25, dtype=torch.float64))
+    torch.testing.assert_close(afd.order_statistic_weights(4, 4), torch.tensor([0, 0, 0, 1], dtype=torch.float64))
+
+
+@pytest.mark.objective("afd.order_statistic_weights")
+def test_order_statistic_weights_count_the_best_of_every_n_subset():
+    """w_i = the fraction of the n-subsets of positions 1..N whose largest is i, by enumeration;
+    float64, since best_of_n_estimate applies it to float64 values."""
+    N = 7
+    for n in range(1, N + 1):
+        subsets = list(itertools.combinations(range(1, N + 1), n))
+        counted = torch.tensor([sum(max(s) == i for s in subsets) / len(subsets) for i in range(1, N + 1)],
+                               dtype=torch.float64)
+        w = afd.order_statistic_weights(N, n)
+        assert w.dtype == torch.float64 and w.shape == (N,)
+        torch.testing.assert_close(w, counted)
+
+
+def brute_force_best_of_n(scores, values, n):
+    """E[value of the best of a random n-subset], enumerating the subsets; of equal scores, the
+    later index counts as better (what sorting ascending, stably, gives)."""
+    N = scores.shape[1]
+    return torch.tensor([sum(values[p, max(s, key=lambda i: (scores[p, i].item(), i))].item()
+                             for s in itertools.combinations(range(N), n)) / math.comb(N, n)
+                         for p in range(scores.shape[0])], dtype=torch.float64)
+
+
+@pytest.mark.objective("afd.best_of_n_estimate")
+def test_best_of_n_estimate_equals_brute_force_enumeration(monkeypatch):
+    monkeypatch.setattr(afd, "order_statistic_weights", reference_order_statistic_weights)
+    torch.manual_seed(0)
+    P, N = 3, 7
+    scores, values = torch.randn(P, N), torch.randn(P, N)
+    for n in range(1, N + 1):
+        got = afd.best_of_n_estimate(scores, values, n)
+        assert got.shape == (P,) and got.dtype == torch.float64
+        torch.testing.assert_close(got, brute_force_best_of_n(scores, values, n), rtol=0, atol=1e-9)
+    assert torch.allclose(afd.best_of_n_estimate(scores, values, 1), values.double().mean(1))
+    assert torch.allclose(afd.best_of_n_estimate(scores, values, N),
+                          values.double().gather(1, scores.argmax(1, keepdim=True)).squeeze(1))
+
+
+@pytest.mark.objective("afd.best_of_n_estimate")
+def test_best_of_n_estimate_breaks_ties_by_index(monkeypatch):
+    monkeypatch.setattr(afd, "order_statistic_weights", reference_order_statistic_weights)
+    scores = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 2.0], [3.0, 3.0, 3.0, 1.0, 1.0, 1.0]])
+    values = torch.tensor([[10.0, 20.0, 30.0, 40.0, 50.0, 60.0], [1.0, 4.0, 9.0, 16.0, 25.0, 36.0]])
+    for n in range(1, 7):
+        torch.testing.assert_close(afd.best_of_n_estimate(scores, values, n), brute_force_best_of_n(scores, values, n))
+    # 64 equal scores: the i-th (by index) is the best of a subset when it is its largest index,
+    # so the estimate is w @ values in index order (an unstable sort reorders ties this large)
+    N, n = 64, 5
+    values = torch.arange(N, dtype=torch.float64)[None] ** 2
+    torch.testing.assert_close(afd.best_of_n_estimate(torch.zeros(1, N), values, n),
+                               values @ reference_order_statistic_weights(N, n))
+
+
+@pytest.mark.objective("afd.kl_bound")
+def test_kl_bound_by_hand():
+    assert afd.kl_bound(1) == 0.0  # Best-of-1 is the policy itself
+    assert afd.kl_bound(2) == pytest.approx(math.log(2) - 1 / 2)      # 0.193
+    assert afd.kl_bound(4) == pytest.approx(math.log(4) - 3 / 4)      # 0.636
+    assert afd.kl_bound(16) == pytest.approx(math.log(16) - 15 / 16)  # 1.835
+    bounds = [afd.kl_bound(n) for n in range(1, 65)]
+    assert all(a < b for a, b in zip(bounds, bounds[1:]))  # grows with n, like log n
+
+
+# ----------------------------------------------------------------------------------------
+# 10. AVA: reward.gaussian_kl_to_prior, reward.gaussian_logpdf, reward.td_differences,
+#     reward.ava_token_objective
+
+@pytest.mark.objective("reward.gaussian_kl_to_prior")
+def test_gaussian_kl_to_prior_closed_form():
+    # mu = 0.5, sigma = 2: (0.25 + 4 - 1) / 2 - log 2   (sigma for sigma^2: (0.25 + 2 - 1) / 2 - log 2)
+    kl = reward.gaussian_kl_to_prior(torch.tensor(0.5), torch.tensor(math.log(2.0)))
+    assert kl.item() == pytest.approx(1.625 - math.log(2.0), abs=1e-6)
+    assert reward.gaussian_kl_to_prior(torch.tensor(0.0), torch.tensor(0.0)).item() == 0.0  # q = prior
+    mu, log_sigma = torch.randn(50), torch.randn(50)
+    torch.testing.assert_close(reward.gaussian_kl_to_prior(mu, log_sigma),
+                               reference_gaussian_kl_to_prior(mu, log_sigma))
+
+
+@pytest.mark.objective("reward.gaussian_logpdf")
+def test_gaussian_logpdf_by_hand_and_against_torch_distributions():
+    # at the mean, sigma = 1: -log(2 pi) / 2;  x = mu + 2 sigma, sigma = e: -log(2 pi) / 2 - 1 - 2
+    assert reward.gaussian_logpdf(torch.tensor(0.3), torch.tensor(0.3), torch.tensor(0.0)).item() == pytest.approx(
+        -0.5 * math.log(2 * math.pi))
+    assert reward.gaussian_logpdf(torch.tensor(1.0 + 2 * math.e), torch.tensor(1.0), torch.tensor(1.0)).item() == (
+        pytest.approx(-0.5 * math.log(2 * math.pi) - 1 - 2))
+    x, mu, log_sigma = torch.randn(20), torch.randn(20), torch.randn(20)
+    torch.testing.assert_close(reward.gaussian_logpdf(x, mu, log_sigma), reference_gaussian_logpdf(x, mu, log_sigma))
+
+
+@pytest.mark.objective("reward.td_differences")
+def test_td_differences_by_hand():
+    q = torch.tensor([[1.0, 2.0, 3.0, 5.0],
+                      [4.0, 6.0, 7.0, 8.0],
+                      [2.0, 3.0, 4.0, 5.0]])
+    mask = torch.tensor([[True, True, True, False],    # 3 response tokens, then padding (Q = 5 there)
+                         [False, True, True, True],    # a prompt position, then 3 tokens to the end
+                         [True, True, True, True]])    # a one-token prompt: the response fills the row
+    td = reward.td_differences(q, mask, gamma=0.9)
+    assert td.shape == q.shape
+    # row 0: 1 - 0.9*2, 2 - 0.9*3, 3 - 0 (the episode ends: the padding's 5 must not leak in)
+    torch.testing.assert_close(td[0, :3], torch.tensor([1.0 - 1.8, 2.0 - 2.7, 3.0]))
+    # row 1: 6 - 0.9*7, 7 - 0.9*8, 8 - 0 (nothing after the last column)
+    torch.testing.assert_close(td[1, 1:], torch.tensor([6.0 - 6.3, 7.0 - 7.2, 8.0]))
+    # row 2: 2 - 2.7, 3 - 3.6, 4 - 4.5, 5 - 0 (no wrap-around to the first column's Q = 2)
+    torch.testing.assert_close(td[2], torch.tensor([2.0 - 2.7, 3.0 - 3.6, 4.0 - 4.5, 5.0]))
+
+
+AVA_V, AVA_EOT, AVA_SEP = 16, 0, 1
+
+
+@pytest.mark.objective("reward.ava_token_objective")
+def test_ava_token_objective_on_a_three_token_response(monkeypatch):
+    for name, ref in [("gaussian_kl_to_prior", reference_gaussian_kl_to_prior),
+                      ("gaussian_logpdf", reference_gaussian_logpdf), ("td_differences", reference_td_differences)]:
+        monkeypatch.setattr(reward, name, ref)
+    torch.manual_seed(0)
+    model = reward.AVARewardModel.from_policy(GPT(GPTConfig(block_size=16, vocab_size=AVA_V, n_layer=2, n_head=2,
+                                                            n_embd=32)))
+    torch.nn.init.normal_(model.reward_head.weight, std=0.5)  # make the rewards depend on the input
+    torch.nn.init.normal_(model.reward_head.bias, std=0.5)
+    model.eval()
+    lam, gamma = 0.7, 0.9
+    prompt, response = [5, 6, AVA_SEP], [7, 8, AVA_EOT]
+    idx, targets, _ = make_batch([prompt], [response], AVA_EOT)
+    token_objective, mask, seq_reward = reward.ava_token_objective(model, idx, targets, lam, gamma)
+    assert mask[0].nonzero().flatten().tolist() == [2, 3, 4]  # states s_0..s_2 predict y_1..y_3
+    # the same terms computed directly from the heads
+    with torch.no_grad():
+        h = model.trunk.hidden(idx)[0]                                  # (T, C)
+        q = model.q_head(h)                                             # (T, V)
+        params = model.reward_head(h).view(-1, 2, AVA_V)                # (T, 2, V)
+    expected, mus = [], []
+    for k, t in enumerate([2, 3, 4]):
+        y = response[k]
+        q_next = q[t + 1, response[k + 1]] if k < 2 else 0.0
+        td = q[t, y] - gamma * q_next
+        mu, log_sigma = params[t, 0, y], params[t, 1, y]
+        normal = torch.distributions.Normal(mu, log_sigma.exp())
+        expected.append(torch.log_softmax(q[t], -1)[y]
+                        - torch.distributions.kl_divergence(normal, torch.distributions.Normal(0.0, 1.0))
+                        + lam * normal.log_prob(td))
+        mus.append(mu)
+    torch.testing.assert_close(token_objective[0, 2:5], torch.stack(expected).detach(), atol=1e-5, rtol=1e-5)
+    assert token_objective[0][~mask[0]].abs().sum() == 0
+    torch.testing.assert_close(seq_reward[0], sum(mus).detach(), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# 11. afd.kl_estimate
+
+@pytest.mark.objective("afd.kl_estimate")
+def test_kl_estimate_by_hand():
+    # log pi - log pi_ref = 1, 0, 2: mean 1, sample std sqrt((0 + 1 + 1) / 2) = 1, stderr 1 / sqrt(3)
+    mean, se = afd.kl_estimate(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -2.0, -5.0]))
+    assert (mean, se) == (pytest.approx(1.0), pytest.approx(1 / math.sqrt(3)))
+
+
+@pytest.mark.objective("afd.kl_estimate")
+def test_kl_estimate_is_zero_for_the_same_weights_and_positive_otherwise(tiny_gpt, reference_logprobs):
+    policy = tiny_gpt(seed=1)
+    ref = frozen_copy(policy)
+    tokens, lengths = generate(policy, [[1, 2, 3], [4, 5]], 8, 6, eos_id=0, generator=torch.Generator().manual_seed(0))
+    prompts = [[1, 2, 3]] * 8 + [[4, 5]] * 8
+    idx, targets, _ = make_batch(prompts, [t[:k] for t, k in zip(tokens.tolist(), lengths.tolist())], 0)
+    logp, logp_ref = reference_logprobs(policy, idx, targets).sum(1), reference_logprobs(ref, idx, targets).sum(1)
+    assert afd.kl_estimate(logp, logp_ref)[0] == 0.0
+    other = tiny_gpt(seed=2)
+    assert afd.kl_estimate(logp, reference_logprobs(other, idx, targets).sum(1))[0] > 0
