@@ -337,6 +337,23 @@ def best_of_n_estimate(rm_scores, values, n):
     return v_sorted @ order_statistic_weights(values.shape[1], n)
 
 
+def majority_vote(text_ids, n, generator, draws=256):
+    """Self-consistency: among n of the N samples of a prompt, keep the response text that
+    occurs most often (no reward model, no labels; ties broken at random). text_ids (P, N):
+    equal ids for equal texts. Returns (P, draws) the kept sample's index in `draws` random
+    n-subsets, each with its own tie-break (for n = N only the tie-break varies); the mean
+    of values (P, N) at these indices estimates the value of majority voting over n."""
+    P, N = text_ids.shape
+    kept = []
+    for _ in range(draws):
+        subset = torch.rand(P, N, generator=generator).argsort(dim=1)[:, :n]        # (P, n)
+        ids = torch.gather(text_ids, 1, subset)                                     # (P, n)
+        votes = (ids[:, :, None] == ids[:, None, :]).sum(dim=2)                      # (P, n) for each one's text
+        tie_break = 0.5 * torch.rand(P, n, generator=generator)                     # < 1: orders equal votes only
+        kept.append(torch.gather(subset, 1, (votes + tie_break).argmax(dim=1, keepdim=True)))
+    return torch.cat(kept, dim=1)                                                   # (P, draws)
+
+
 def kl_bound(n):
     """KL(pi_BoN || pi_sft) <= log n - (n - 1) / n."""
     return math.log(n) - (n - 1) / n

@@ -128,6 +128,32 @@ def verdict_tables(results):
     return "\n".join(lines)
 
 
+def parts_tables(results):
+    """Markdown (built-in task only): each part of the golden reward, and the golden reward by kind
+    of prompt, for SFT and for every Best-of-n entry; then each selector's share of the ceiling."""
+    sft = next(p for p in results["policies"] if p["name"] == "sft")
+    bon = results["best_of_n"]
+    if "parts" not in sft or not bon:
+        return ""
+    lines = []
+    for key, title in [("parts", "Each part of the golden reward"), ("kinds", "The golden reward by kind of prompt")]:
+        names = list(sft[key])
+        lines += [f"{title} (the mean over the evaluation prompts):", "",
+                  "| row | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names),
+                  "| sft (its one sample) | - | " + " | ".join(f"{sft[key][k]:+.3f}" for k in names) + " |"]
+        lines += [f"| {b['rm']} | {b['n']} | " + " | ".join(f"{b[key].get(k, float('nan')):+.3f}" for k in names) + " |"
+                  for b in bon]
+        lines.append("")
+    ns = sorted({b["n"] for b in bon if "share_of_ceiling" in b})
+    lines += ["Share of the ceiling: (Best-of-n - n=1) / (oracle Best-of-n - n=1), the part of the best possible "
+              "gain over a random candidate that each selector gets (negative: it does worse than a random one):", "",
+              "| selector | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for rm in dict.fromkeys(b["rm"] for b in bon if "share_of_ceiling" in b):
+        lines.append(f"| {rm} | " + " | ".join(f"{b['share_of_ceiling']:+.2f}" for b in bon
+                                               if b["rm"] == rm and "share_of_ceiling" in b) + " |")
+    return "\n".join(lines)
+
+
 def how_to_read(results):
     gold = results["golden_reward"]
     what = (f"the task's own score of a response (`{gold['function']}`, at most {gold.get('max')})"
@@ -148,6 +174,10 @@ def how_to_read(results):
         "- **Best-of-n**: draw n responses of pi_sft, keep the one the reward model scores highest. Every n "
         f"is estimated from the same {results['config']['bon_n']} candidates per prompt (the unbiased "
         "order-statistics estimator); **KL bound**: its KL to pi_sft is at most log n - (n-1)/n.",
+        "- **oracle** and **majority** (Best-of-n rows): the same candidates picked by the golden reward itself "
+        "(the ceiling of any reward model) and by self-consistency, the text most frequent among the n (no "
+        "reward model, no labels; estimated over 256 random n-subsets; its KL bound is log n). **Share of the "
+        "ceiling**: the part of the oracle's gain over n = 1 that a selector gets.",
         "- **reward models**: *held-out acc.* on held-out pairs of the kind each was trained on; *demo > SFT*: "
         "how often it scores the demonstration above a pi_sft response; *chosen > rejected*: on preference "
         "pairs; *golden order of SFT pairs*: how often it orders two pi_sft responses as the golden reward does "
@@ -191,9 +221,11 @@ def plot_golden_vs_kl(results, path):
         ax.axhline(results["golden_reward"]["max"], color="0.4", linestyle=":", linewidth=1, label="task maximum")
     for rm in dict.fromkeys(b["rm"] for b in results["best_of_n"]):
         rows = [b for b in results["best_of_n"] if b["rm"] == rm]
+        style = {"oracle": dict(color="k", linestyle="-."), "majority": dict(color="0.5", linestyle="--")}
         ax.errorbar([b["kl_bound"] for b in rows], [b["golden_reward"] for b in rows],
                     yerr=[b["golden_reward_stderr"] for b in rows], marker=".", markersize=4, linewidth=1,
-                    capsize=2, alpha=0.6, label=f"Best-of-n, {rm}")
+                    capsize=2, alpha=0.6, label=f"Best-of-n, {rm}" if rm not in style else f"{rm} (of n)",
+                    **style.get(rm, {}))
     trained = [p for p in results["policies"] if "kl_to_sft" in p]
     colours = plt.get_cmap("Dark2").colors
     for p, marker, colour in zip(trained, "s^vDPX*ph", colours):
@@ -224,6 +256,8 @@ def write_report(results, out_dir):
                    f"accuracy {gold['heldout_accuracy']:.3f}), not human judgement.", ""]
     report += ["## Policies and Best-of-n against SFT", "", verdict_tables(results), "",
                "## Reward models", "", rm_table(results), ""]
+    if parts := parts_tables(results):
+        report += ["## What each selector moves (built-in task)", "", parts, ""]
     if plot_golden_vs_kl(results, os.path.join(out_dir, "golden_vs_kl.png")):
         report += ["![golden reward against KL](golden_vs_kl.png)", ""]
     if results.get("stages"):

@@ -405,7 +405,7 @@ def all_finite(loss):
 
 CODE_FILES = ("model", "data", "reward", "afd", "train")   # the project's modules (report.py never changes a result)
 STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain"], "sft": ["train.stage_sft"],
-              "sample": ["train.stage_sample"], "rm": ["train.stage_reward_models"],
+              "sample": ["train.stage_sample"], "rm": ["train.stage_gold", "train.stage_reward_models"],
               "policy": ["train.stage_policies"], "evaluate": ["train.stage_evaluate"]}
 OUTPUT_ONLY = {"train.log", "train.die", "train.progress"}  # they print; no result depends on them
 # Within a stage, each reward model and each method is stamped with its own code only (the
@@ -971,6 +971,57 @@ def stage_policies(cfg, vocab, splits, pi_init, pi_sft, reward_models):
     return policies
 
 
+def golden_parts(prompts, responses, cfg, P, N):
+    """{part: (P, N)} of data.golden_parts on the built-in task (None on real data, whose
+    golden reward is a model): prompts (P,) texts, responses (P * N,) texts, prompt-major."""
+    if cfg.task != "synthetic":
+        return None
+    rows = [data.golden_parts(prompts[i // N], r) for i, r in enumerate(responses)]
+    return {part: torch.tensor([row[part] for row in rows], dtype=torch.float64).view(P, N) for part in rows[0]}
+
+
+def best_of_n_rows(name, estimate, golden_cand, wins, parts, task, cfg, kl_bound=afd.kl_bound):
+    """The results rows of one way of picking 1 of n candidates, for every n <= N: estimate(values
+    (P, N), n) -> (P,) the expected value of the pick. With each part of the golden reward and
+    the golden reward by kind of prompt on the built-in task."""
+    rows = []
+    for n in [n for n in BON_SIZES if n <= cfg.bon_n]:
+        reward = estimate(golden_cand, n)                                    # (P,)
+        m, se = afd.mean_stderr(reward)
+        rows.append({"rm": name, "n": n, "golden_reward": m, "golden_reward_stderr": se,
+                     "win_rate_vs_sft": float(estimate(wins, n).mean()), "kl_bound": kl_bound(n)})
+        if parts is not None:
+            rows[-1]["parts"] = {part: float(estimate(v, n).mean()) for part, v in parts.items()}
+            rows[-1]["kinds"] = by_kind(reward, task)
+    return rows
+
+
+def by_kind(values, task):
+    """The mean of values (P,) over the evaluation prompts of each kind (data.prompt_kind)."""
+    kinds = [data.prompt_kind(p) for p in task.eval_prompts]
+    return {kind: float(values[[k == kind for k in kinds]].double().mean())
+            for kind in data.KIND_NAMES.values() if kind in kinds}
+
+
+def text_ids(candidates, P, N):
+    """(P, N) ids of the candidates' texts, equal for equal token lists within a prompt."""
+    ids = []
+    for i in range(P):
+        seen = {}
+        ids.append([seen.setdefault(tuple(c), len(seen)) for c in candidates[i * N:(i + 1) * N]])
+    return torch.tensor(ids)
+
+
+def add_share_of_ceiling(bon_rows):
+    """share_of_ceiling of each row: (its golden reward - n = 1's) / (the oracle's at n - n = 1's),
+    the part of the best possible gain over a random candidate that it gets (negative: a loss)."""
+    base = next(b["golden_reward"] for b in bon_rows if b["rm"] == "oracle" and b["n"] == 1)
+    oracle = {b["n"]: b["golden_reward"] for b in bon_rows if b["rm"] == "oracle"}
+    for b in bon_rows:
+        if b["rm"] != "oracle" and b["n"] > 1:
+            b["share_of_ceiling"] = (b["golden_reward"] - base) / max(oracle[b["n"]] - base, 1e-12)
+
+
 def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, trained, golden):
     prompts, P, N = splits["eval_prompts"], len(splits["eval_prompts"]), cfg.bon_n
     responses = {"init": sample(pi_init, prompts, 1, cfg, vocab, cfg.seed + 5, "eval pi_init"),
@@ -985,6 +1036,10 @@ def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, tra
         policies.append({"name": name, "golden_reward": m, "golden_reward_stderr": se,
                          "win_rate_vs_sft": afd.mean_stderr(afd.win_rate_indicator(golden_of[name],
                                                                                   golden_of["sft"]))[0]})
+        parts = golden_parts(task.eval_prompts, [vocab.decode(r) for r in responses[name]], cfg, P, 1)
+        if parts is not None:  # the built-in task: each part of the golden reward, and by kind of prompt
+            policies[-1]["parts"] = {part: float(v.mean()) for part, v in parts.items()}
+            policies[-1]["kinds"] = by_kind(golden_of[name], task)
         if name in trained:  # Monte-Carlo KL(pi || pi_sft) on the policy's own samples
             log_ratio = score(LogRatioReward(trained[name], pi_sft), prompts, responses[name], cfg, vocab)
             policies[-1]["kl_to_sft"], policies[-1]["kl_to_sft_stderr"] = afd.kl_estimate(log_ratio, 0.0)
@@ -1001,17 +1056,25 @@ def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, tra
         flat_prompts = [p for p in prompts for _ in range(N)]
         golden_cand = golden(flat_prompts, candidates).view(P, N)
         wins = afd.win_rate_indicator(golden_cand, golden_of["sft"][:, None])  # (P, N) vs the SFT response
+        parts = golden_parts(task.eval_prompts, [vocab.decode(c) for c in candidates], cfg, P, N)
         for name, rm in progress(reward_models.items(), desc="score candidates"):
             scores = score(rm, flat_prompts, candidates, cfg, vocab).view(P, N)
-            for n in [n for n in BON_SIZES if n <= N]:
-                m, se = afd.mean_stderr(afd.best_of_n_estimate(scores, golden_cand, n))
-                bon_rows.append({"rm": name, "n": n, "golden_reward": m, "golden_reward_stderr": se,
-                                 "win_rate_vs_sft": float(afd.best_of_n_estimate(scores, wins, n).mean()),
-                                 "kl_bound": afd.kl_bound(n)})
+            bon_rows += best_of_n_rows(name, lambda values, n: afd.best_of_n_estimate(scores, values, n),
+                                       golden_cand, wins, parts, task, cfg)
             if name == "init_sft":
                 best = afd.best_of_n(scores)  # (P,) shown in the report
                 examples[f"best-of-{N} init_sft"] = [(task.eval_prompts[i],
                                                       vocab.decode(candidates[i * N + int(best[i])])) for i in range(3)]
+        # the ceiling: the golden reward itself as the scorer; the label-free baseline: majority voting
+        bon_rows += best_of_n_rows("oracle", lambda values, n: afd.best_of_n_estimate(golden_cand, values, n),
+                                   golden_cand, wins, parts, task, cfg)
+        same_text = text_ids(candidates, P, N)
+        kept = {n: afd.majority_vote(same_text, n, torch.Generator().manual_seed(stable_seed(cfg.seed, "majority", n)))
+                for n in BON_SIZES if 1 < n <= N}  # (P, draws) each; at n = 1 every sample is its own majority
+        majority = lambda values, n: (values.double().mean(dim=1) if n == 1 else
+                                      torch.gather(values.double(), 1, kept[n]).mean(dim=1))
+        bon_rows += best_of_n_rows("majority", majority, golden_cand, wins, parts, task, cfg, kl_bound=math.log)
+        add_share_of_ceiling(bon_rows)
     log("[evaluate] golden reward " + ", ".join(f"{p['name']} {p['golden_reward']:.3f}" for p in policies)
         + (f"; best-of-{N} " + ", ".join(f"{b['rm']} {b['golden_reward']:.3f}" for b in bon_rows if b["n"] == N)
            if bon_rows else ""))

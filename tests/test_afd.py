@@ -79,3 +79,36 @@ def test_reward_model_reads_the_last_response_token_and_ignores_padding(tiny_gpt
     padded = torch.cat([idx, torch.zeros(1, 4, dtype=torch.long)], 1)
     assert torch.allclose(rm(idx, None, torch.tensor([7])), rm(padded, None, torch.tensor([7])), atol=1e-6)
     assert not torch.allclose(rm(idx, None, torch.tensor([7])), rm(idx, None, torch.tensor([6])))
+
+
+# ----------------------------------------------------------------------------------------
+# Best-of-n beside its ceiling and a label-free baseline
+
+def test_majority_vote_keeps_the_most_frequent_text_and_breaks_ties_at_random():
+    text_ids = torch.tensor([[0, 1, 1, 2],    # text 1 twice: always one of its two samples
+                             [0, 1, 2, 3]])   # all different: every sample equally often
+    kept = afd.majority_vote(text_ids, 4, torch.Generator().manual_seed(0), draws=2000)
+    assert set(kept[0].tolist()) == {1, 2}
+    share = torch.bincount(kept[1], minlength=4).double() / 2000
+    assert torch.allclose(share, torch.full((4,), 0.25, dtype=torch.float64), atol=0.04)
+    pairs = afd.majority_vote(torch.tensor([[5, 5, 7]]), 2, torch.Generator().manual_seed(1), draws=3000)
+    # subsets {0,1}: text 5 (two votes); {0,2} and {1,2}: a tie, each kept half the time
+    values = torch.tensor([[1.0, 1.0, 0.0]])
+    assert torch.gather(values, 1, pairs).mean().item() == pytest.approx(1 / 3 + 2 / 3 * 0.5, abs=0.03)
+
+
+def test_share_of_ceiling_by_hand():
+    import train
+    rows = [{"rm": rm, "n": n, "golden_reward": g} for rm, n, g in
+            [("oracle", 1, 1.0), ("oracle", 2, 2.0), ("init_sft", 1, 1.0), ("init_sft", 2, 1.25),
+             ("pref", 2, 0.5)]]
+    train.add_share_of_ceiling(rows)
+    share = {(r["rm"], r["n"]): r.get("share_of_ceiling") for r in rows}
+    assert share == {("oracle", 1): None, ("oracle", 2): None, ("init_sft", 1): None,
+                     ("init_sft", 2): 0.25, ("pref", 2): -0.5}   # (1.25 - 1) / (2 - 1); (0.5 - 1) / 1
+
+
+def test_text_ids_are_equal_for_equal_texts_within_a_prompt():
+    import train
+    candidates = [[1, 2], [3], [1, 2], [1, 2], [1, 2], [3]]
+    assert train.text_ids(candidates, 2, 3).tolist() == [[0, 1, 0], [0, 0, 1]]

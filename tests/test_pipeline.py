@@ -41,10 +41,18 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
                                                              "ava_d", "ava_p"]
     assert all(0 <= r["heldout_accuracy"] <= 1 for r in results["reward_models"])
     bon = results["best_of_n"]
-    assert {(b["rm"], b["n"]) for b in bon} == {(rm, n) for rm in names_of(results) for n in (1, 2, 4, 8)}
+    selectors = names_of(results) + ["oracle", "majority"]
+    assert {(b["rm"], b["n"]) for b in bon} == {(rm, n) for rm in selectors for n in (1, 2, 4, 8)}
     n1 = {b["golden_reward"] for b in bon if b["n"] == 1}
-    assert max(n1) - min(n1) < 1e-9  # best-of-1 is the mean of the candidates, whatever the RM
-    assert all(b["kl_bound"] == math.log(b["n"]) - (b["n"] - 1) / b["n"] for b in bon)
+    assert max(n1) - min(n1) < 1e-9  # best-of-1 is the mean of the candidates, whatever the selector
+    assert all(b["kl_bound"] == (math.log(b["n"]) - (b["n"] - 1) / b["n"] if b["rm"] != "majority"
+                                 else math.log(b["n"])) for b in bon)
+    oracle = {b["n"]: b["golden_reward"] for b in bon if b["rm"] == "oracle"}
+    assert all(b["golden_reward"] <= oracle[b["n"]] + 1e-9 for b in bon if b["rm"] in names_of(results))
+    for b in bon:  # the parts of the golden reward add up to it; every kind of prompt is there
+        assert sum(b["parts"].values()) == pytest.approx(b["golden_reward"], abs=1e-6)  # float32 sums
+        assert set(b["kinds"]) <= {"arithmetic", "fact", "list", "name", "harmful", "benign look-alike"}
+        assert ("share_of_ceiling" in b) == (b["n"] > 1 and b["rm"] != "oracle")
     for name in ["pi_init", "pi_sft", "rm_init_sft", "rm_pref", "rm_ava_d", "rm_ava_p"]:
         ckpt = torch.load(out / f"{name}.pt", weights_only=True)
         assert {"model", "model_config", "vocab"} <= set(ckpt)
