@@ -1111,7 +1111,9 @@ def saved_results(cfg):
 
 
 def main(argv):
+    """The whole pipeline for a command line; returns the results (results.json)."""
     cfg = parse_args(argv)
+    STAGE_LINES.clear()
     check_out_dir(cfg)
     setup_distributed(cfg)
     t0 = time.time()
@@ -1120,7 +1122,7 @@ def main(argv):
         if is_main():
             write_report(results, cfg.out_dir)
         log(f"[evaluate] up to date: {cfg.out_dir}/results.json; report.md rewritten\n" + markdown_tables(results))
-        return
+        return results
     check_memory(cfg, vocab)
     pi_init = stage_pretrain(cfg, vocab, splits)
     pi_sft = stage_sft(cfg, vocab, splits, pi_init)
@@ -1142,6 +1144,7 @@ def main(argv):
     log(f"[done] {time.time() - t0:.0f} s; wrote {cfg.out_dir}/results.json and report.md")
     if WORLD > 1:
         dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":
