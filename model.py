@@ -7,7 +7,12 @@ API
     GPT(config)                    the model
       .forward(idx, targets=None)  -> (logits (B, T, V), mean NLL loss or None)
       .hidden(idx, pos=None, attn_mask=None, cache=None, cache_pos=0, prefix=None)
-                                   -> final hidden states (B, T, C) after ln_f
+                                   -> final hidden states (B, T, C) after ln_f; idx may be a SharedPrompts
+      .prompt_pass(idx, real)      -> each prompt's keys/values and hidden states, computed once
+    SharedPrompts, shared_prompt_batch(prompts, responses, pad_id, device)
+                                   -> data.make_batch's (idx, targets, last) for prompts with n responses
+                                      each, every prompt run once (scoring: train.score)
+    left_padded(prompts, device)   -> (idx, real) a left-padded batch of token lists
     token_logprobs(model, idx, targets)  -> (B, T) per-token log-probs, 0 at -100
     sequence_logprob(model, idx, targets)  -> (B,) log-prob of each response, the sum of the above
     masked_mean(values, mask)      -> the mean over the unmasked entries (0 when there are none)
@@ -188,18 +193,56 @@ class GPT(nn.Module):
         place at cache_pos:cache_pos+T. Without cache and mask this is the plain causal path.
         prefix: (prefix_cache, prefix_bias), keys/values every row attends to before its own cache
         (the prompt in generate): prefix_cache a list (one per layer) of (k, v) (G, n_head, L, head_dim),
-        each shared by B // G consecutive rows; prefix_bias (G, 1, 1, L): 0 = real key, -inf = pad."""
+        each shared by B // G consecutive rows; prefix_bias (G, 1, 1, L): 0 = real key, -inf = pad.
+        idx may also be a SharedPrompts (prompts and their responses): then the hidden states of its
+        responses, each prompt run once (shared_prompt_hidden)."""
+        if isinstance(idx, SharedPrompts):
+            return self.shared_prompt_hidden(idx)
         B, T = idx.size()
         if pos is None:
             assert cache_pos + T <= self.config.block_size, f"sequence of length {cache_pos + T} > block_size"
             pos = torch.arange(cache_pos, cache_pos + T, device=idx.device)  # (T,)
-        if cache is not None and attn_mask is None and T > 1:  # causal mask aligned to the end of the cache
+        if (cache is not None or prefix is not None) and attn_mask is None and T > 1:  # causal, aligned to the end
             attn_mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=idx.device).tril(diagonal=cache_pos)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             layer_prefix = None if prefix is None else (*prefix[0][i], prefix[1])
             x = block(x, attn_mask, None if cache is None else cache[i], cache_pos, layer_prefix)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
+
+    def prompt_pass(self, idx, real):
+        """Each prompt's forward, once, for the rows that continue it (generate's samples, the scored
+        responses of shared_prompt_hidden). idx, real: (P, L) from left_padded; each prompt starts at
+        position 0, its pad keys masked out. Returns (prefix, h): prefix = (cache, bias) for
+        hidden(..., prefix=prefix), the keys/values of every layer (P, n_head, L, head_dim) and
+        bias (P, 1, 1, L), -inf at pads; h (P, L, C) the hidden states, h[:, -1] at each prompt's last token."""
+        cfg = self.config
+        P, L = idx.shape
+        w = self.transformer.wte.weight
+        cache = [tuple(w.new_empty(P, cfg.n_head, L, cfg.n_embd // cfg.n_head) for _ in range(2))
+                 for _ in range(cfg.n_layer)]
+        pos = (real.cumsum(dim=1) - 1).clamp(min=0)  # (P, L)
+        # causal, pad keys masked out; the diagonal stays allowed so that pad queries (outputs unused)
+        # never have an all-masked row, which gives NaN on some SDPA backends
+        causal = torch.ones(L, L, dtype=torch.bool, device=idx.device).tril()  # (L, L)
+        mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=idx.device)  # (P, 1, L, L)
+        h = self.hidden(idx, pos=pos, attn_mask=mask, cache=cache)  # (P, L, C)
+        bias = w.new_zeros(P, 1, 1, L).masked_fill(~real[:, None, None, :], float('-inf'))
+        return (cache, bias), h
+
+    def shared_prompt_hidden(self, batch):
+        """Hidden states (B, 1 + S, C) of a SharedPrompts batch, in response columns: column j of row b is
+        the position that predicts response token j (column 0: its prompt's last token). Each prompt
+        runs once (prompt_pass); each response runs on top of its prompt's keys/values (prefix=), shared
+        by its n rows. Equal, to float tolerance, to hidden() on the concatenated rows, at those positions."""
+        prefix, h_prompts = self.prompt_pass(batch.prompts, batch.real)  # h_prompts (G, L, C)
+        n, S = batch.responses.size(0) // batch.prompts.size(0), batch.responses.size(1)
+        start = batch.real.sum(dim=1).repeat_interleave(n)  # (B,) position of each response's first token
+        cols = torch.arange(S, device=start.device)  # (S,)
+        # pads past a response's end (outputs unused, seen by no real token) at position 0: never past the context
+        pos = torch.where(cols < batch.lengths[:, None], start[:, None] + cols, 0)  # (B, S)
+        h = self.hidden(batch.responses, pos=pos, prefix=prefix)  # (B, S, C)
+        return torch.cat([h_prompts[:, -1:].repeat_interleave(n, dim=0), h], dim=1)  # (B, 1 + S, C)
 
     def forward(self, idx, targets=None):
         logits = self.lm_head(self.hidden(idx))  # (B, T, V)
@@ -210,6 +253,48 @@ class GPT(nn.Module):
                               ignore_index=-100, reduction='sum')
         loss = nll / (targets != -100).sum().clamp(min=1)
         return logits, loss
+
+
+@dataclass
+class SharedPrompts:
+    """The idx of a batch whose rows share prompts, in place of a (B, T) tensor: G prompts, each with its
+    n responses (B = G * n rows, prompt-major). GPT.hidden runs each prompt once and each response on
+    top of it (GPT.shared_prompt_hidden). Made by shared_prompt_batch, with targets and last to match."""
+    prompts: torch.Tensor    # (G, L) left-padded (left_padded)
+    real: torch.Tensor       # (G, L) True at real prompt tokens
+    responses: torch.Tensor  # (B, S) right-padded; rows g*n .. (g+1)*n-1 continue prompt g
+    lengths: torch.Tensor    # (B,) response lengths
+
+
+def left_padded(prompts, device):
+    """Token lists as one left-padded batch (pad 0): idx (P, L) and real (P, L), True at real tokens."""
+    P, L = len(prompts), max(len(p) for p in prompts)
+    idx = torch.zeros(P, L, dtype=torch.long, device=device)
+    real = torch.zeros(P, L, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        real[i, L - len(p):] = True
+    return idx, real
+
+
+def shared_prompt_batch(prompts, responses, pad_id, device="cpu"):
+    """data.make_batch for G prompts (token lists) with n responses each (responses: G lists of n token
+    lists), each prompt to be run once: (idx, targets, last) with idx a SharedPrompts and targets, last
+    in its response columns (GPT.shared_prompt_hidden): targets (B, 1 + S), targets[b, j] = response token
+    j, -100 past the response; last (B,) = the response length, the column of its last token (0, the
+    prompt's last token, for an empty response). Every scorer reads the same positions as on make_batch's."""
+    n = len(responses[0])
+    assert all(len(group) == n for group in responses), "every prompt needs the same number of responses"
+    rows = [r for group in responses for r in group]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    S = max(1, int(lengths.max()))  # at least one column, so that empty responses have a pass too
+    tokens = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), 1 + S), -100, dtype=torch.long)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = targets[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+    idx, real = left_padded(prompts, device)
+    batch = SharedPrompts(idx, real, tokens.to(device), lengths.to(device))
+    return batch, targets.to(device), lengths.to(device)
 
 
 def token_logprobs(model, idx, targets):
@@ -273,27 +358,13 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
     was_training = model.training
     model.eval()
 
-    # left-pad the prompts into one (P, L) batch; each real prompt starts at position 0
-    P, L, R = len(prompts), max(len(p) for p in prompts), len(prompts) * n_samples
-    idx = torch.zeros(P, L, dtype=torch.long, device=device)
-    real = torch.zeros(P, L, dtype=torch.bool, device=device)  # True at real (non-pad) tokens
-    for i, p in enumerate(prompts):
-        idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        real[i, L - len(p):] = True
-    pos = (real.cumsum(dim=1) - 1).clamp(min=0)  # (P, L)
-
-    # prefix pass, once per prompt: causal, pad keys masked out; the diagonal stays allowed so that
-    # pad queries (outputs unused) never have an all-masked row, which gives NaN on some SDPA backends
-    hd = cfg.n_embd // cfg.n_head
-    w = model.transformer.wte.weight
-    prompt_cache = [tuple(w.new_empty(P, cfg.n_head, L, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
-    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
-    mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (P, 1, L, L)
-    logits = model.lm_head(model.hidden(idx, pos=pos, attn_mask=mask, cache=prompt_cache)[:, -1])  # (P, V)
+    idx, real = left_padded(prompts, device)  # (P, L) each
+    prefix, h = model.prompt_pass(idx, real)  # the prompts' keys/values, once per prompt; h (P, L, C)
+    logits = model.lm_head(h[:, -1])  # (P, V)
 
     # P * n_samples rows: the prompt's keys/values stay once per prompt, shared by its n_samples rows
     # (prefix=, pad keys masked out), and each row caches only its new tokens (written before being read)
-    prefix = (prompt_cache, w.new_zeros(P, 1, 1, L).masked_fill(~real[:, None, None, :], float('-inf')))
+    R, hd, w = len(prompts) * n_samples, cfg.n_embd // cfg.n_head, model.transformer.wte.weight
     cache = [tuple(w.new_empty(R, cfg.n_head, max_new_tokens, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
     logits = logits.repeat_interleave(n_samples, dim=0)  # (R, V)
     next_pos = real.sum(dim=1).repeat_interleave(n_samples)  # (R,) position of the first new token

@@ -56,7 +56,7 @@ class RewardModel(nn.Module):
 
     def forward(self, idx, targets=None, last=None):
         h = self.trunk.hidden(idx)                               # (B, T, C)
-        h_last = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
+        h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, C)
         return self.head(h_last).squeeze(-1).float()             # (B,)
 
 
