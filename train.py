@@ -32,7 +32,7 @@ import random
 import sys
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +46,7 @@ import afd
 import data
 from report import curve_summary, markdown_tables, write_report, write_text
 from model import (GPT, GPTConfig, atomic_write, configure_optimizer, frozen_copy, generate, memory_bytes,
-                   num_params, trainable_copy)
+                   num_params, shared_prompt_batch, trainable_copy)
 from reward import (AVA, POINTWISE, RM_NAMES, AVARewardModel, LogRatioReward, RewardModel, ava_d_loss,
                     ava_p_loss, heldout_accuracies, pairwise_accuracy, pairwise_loss)
 
@@ -407,7 +407,7 @@ CODE_FILES = ("model", "data", "reward", "afd", "train")   # the project's modul
 STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain"], "sft": ["train.stage_sft"],
               "sample": ["train.stage_sample"], "rm": ["train.stage_gold", "train.stage_reward_models"],
               "policy": ["train.stage_policies"], "evaluate": ["train.stage_evaluate"]}
-OUTPUT_ONLY = {"train.log", "train.die", "train.progress"}  # they print; no result depends on them
+OUTPUT_ONLY = {"train.log", "train.die", "train.progress", "train.timed"}  # they print or time; no result depends on them
 # Within a stage, each reward model and each method is stamped with its own code only (the
 # others' entry points are left out), so that an edited IRFT loss retrains IRFT, not the rest.
 UNIT_CODE = {"rm": {"init_sft": "afd.discriminator_loss", "init_demo": "afd.discriminator_loss",
@@ -564,6 +564,21 @@ def said(what, line):
     """Log a stage line ("[pi_sft] trained 400 steps ...") and keep it for report.md."""
     STAGE_LINES.append(f"{what}: {line}")
     log(f"[{what}] {line}")
+
+
+STAGE_TIMES = {}  # wall time (s) of each stage ("rm") and of its parts ("rm/pref"), in the order they started
+
+
+@contextmanager
+def timed(name):
+    """Adds the wall time of a `with timed(name):` block (or of each call of a function decorated
+    with @timed(name)) to STAGE_TIMES[name]; results.json keeps them, report.md tabulates them."""
+    STAGE_TIMES.setdefault(name, 0.0)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_TIMES[name] += time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------
@@ -755,22 +770,58 @@ def sample(policy, prompts, n, cfg, vocab, seed, desc):
     return gather_rows(out)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score(scorer, prompts, responses, cfg, vocab, batch=256):
-    """Reward of each (prompt, response) pair: (B,) float tensor on the CPU."""
+    """Reward of each (prompt, response) pair: (B,) float tensor on the CPU. Equal pairs are scored
+    once (so they get equal scores); each prompt runs once for a group of its responses, and only
+    the responses' tokens run per row (model.shared_prompt_batch); batches hold responses of similar
+    lengths (scoring_batches). The same scores as data.make_batch's rows, to float tolerance."""
     lo, hi = shard(len(prompts))
-    out = [torch.zeros(0)]
-    for i in range(lo, hi, batch):
-        j = min(i + batch, hi)
-        idx, targets, last = data.make_batch(prompts[i:j], responses[i:j], vocab.eot_id, cfg.device)
+    pairs = list(zip(map(tuple, prompts[lo:hi]), map(tuple, responses[lo:hi])))
+    unique = list(dict.fromkeys(pairs))  # the distinct pairs, in first-seen order
+    out = torch.zeros(len(unique))
+    for groups in scoring_batches(unique, batch):
+        idx, targets, last = shared_prompt_batch([unique[g[0]][0] for g in groups],
+                                                 [[unique[i][1] for i in g] for g in groups], vocab.eot_id, cfg.device)
         with autocast(cfg):
-            out.append(scorer(idx, targets, last).float().cpu())
-    return gather_tensor(torch.cat(out))
+            out[[i for g in groups for i in g]] = scorer(idx, targets, last).float().cpu()
+    where = {pair: i for i, pair in enumerate(unique)}
+    return gather_tensor(out[[where[pair] for pair in pairs]])
+
+
+def score_kinds(scorer, prompts, responses, cfg, vocab):
+    """score of several kinds of response to the same prompts ({kind: one response per prompt}) in
+    one call: a prompt runs once for all its kinds, and equal responses (a demonstration that an
+    SFT sample repeats) get equal scores, a tie. Returns {kind: (P,)}."""
+    flat_prompts = [p for p in prompts for _ in responses]  # prompt-major
+    flat_responses = [r for row in zip(*responses.values()) for r in row]
+    scores = score(scorer, flat_prompts, flat_responses, cfg, vocab).view(len(prompts), len(responses))
+    return {kind: scores[:, k] for k, kind in enumerate(responses)}
+
+
+def scoring_batches(pairs, batch, group_size=8):
+    """The distinct (prompt, response) pairs to score, in batches of up to `batch` rows: each prompt's
+    responses, sorted by length, are cut into groups of up to group_size rows (a group runs its prompt
+    once); a batch holds groups of one size, of similar longest responses, so little padding.
+    Yields lists of groups, each a list of indices into pairs."""
+    by_prompt = {}
+    for i, (prompt, _) in enumerate(pairs):
+        by_prompt.setdefault(prompt, []).append(i)
+    groups = []
+    for rows in by_prompt.values():
+        rows.sort(key=lambda i: len(pairs[i][1]))
+        groups += [rows[k:k + group_size] for k in range(0, len(rows), group_size)]
+    groups.sort(key=lambda g: (len(g), len(pairs[g[-1]][1]), len(pairs[g[0]][0])))  # size, longest response, prompt
+    for size, same_size in itertools.groupby(groups, key=len):
+        same_size, per_batch = list(same_size), max(1, batch // size)
+        for k in range(0, len(same_size), per_batch):
+            yield same_size[k:k + per_batch]
 
 
 # ----------------------------------------------------------------------------------------
 # The stages
 
+@timed("task")
 def stage_task(cfg):
     """The task's text, its vocabulary, and its splits as token lists."""
     sizes = (cfg.n_pretrain, cfg.n_demo, cfg.n_rm, cfg.n_heldout, cfg.n_eval)
@@ -837,6 +888,7 @@ def load_gpt2(name_or_path, cfg):
     return model
 
 
+@timed("pretrain")
 def stage_pretrain(cfg, vocab, splits):
     if cfg.init_from:  # a pre-trained GPT-2 replaces pre-training
         pi_init = load_gpt2(cfg.init_from, cfg)
@@ -851,6 +903,7 @@ def stage_pretrain(cfg, vocab, splits):
     return pi_init
 
 
+@timed("sft")
 def stage_sft(cfg, vocab, splits, pi_init):
     pi_sft = trainable_copy(pi_init)
     Run(cfg, vocab, splits, stage_config(cfg, "sft")).train(
@@ -859,6 +912,7 @@ def stage_sft(cfg, vocab, splits, pi_init):
     return pi_sft
 
 
+@timed("sample")
 def stage_sample(cfg, vocab, splits, pi_init, pi_sft):
     """pi_init and pi_sft samples on the RM prompts (training) and held-out prompts."""
     stage_cfg = stage_config(cfg, "sample")
@@ -908,6 +962,7 @@ def train_reward_model(name, cfg, vocab, splits, samples, pi_init):
     return rm
 
 
+@timed("gold")
 def stage_gold(cfg, vocab, splits, pi_init):
     """The golden reward, golden(prompts, responses) -> (B,): the built-in task's program, or on
     real data a "gold" Bradley-Terry reward model trained on pairs that no evaluated reward
@@ -935,18 +990,23 @@ def stage_gold(cfg, vocab, splits, pi_init):
     return (lambda prompts, responses: score(gold, prompts, responses, cfg, vocab)), info
 
 
+@timed("rm")
 def stage_reward_models(cfg, vocab, splits, samples, pi_init, pi_sft, golden):
-    reward_models = {name: LogRatioReward(pi_sft, pi_init) if name == "logratio" else
-                     train_reward_model(name, cfg, vocab, splits, samples, pi_init) for name in RM_NAMES}
+    reward_models = {}
+    for name in RM_NAMES:
+        with timed(f"rm/{name}"):
+            reward_models[name] = (LogRatioReward(pi_sft, pi_init) if name == "logratio" else
+                                   train_reward_model(name, cfg, vocab, splits, samples, pi_init))
     # held-out pairs, one per held-out prompt: demo vs sft, chosen vs rejected, own data
     prompts, demos, chosen, rejected = map(list, zip(*splits["heldout"]))
     sft_a, sft_b = samples["heldout_sft"][0::2], samples["heldout_sft"][1::2]
     golden_a, golden_b = golden(prompts, sft_a), golden(prompts, sft_b)
+    kinds = {"demo": demos, "chosen": chosen, "rejected": rejected, "init": samples["heldout_init"],
+             "sft_a": sft_a, "sft_b": sft_b}
     rows = []
     for name, rm in reward_models.items():
-        scores = {k: score(rm, prompts, v, cfg, vocab) for k, v in
-                  [("demo", demos), ("chosen", chosen), ("rejected", rejected),
-                   ("init", samples["heldout_init"]), ("sft_a", sft_a), ("sft_b", sft_b)]}
+        with timed(f"rm/{name}"):
+            scores = score_kinds(rm, prompts, kinds, cfg, vocab)
         rows.append({"name": name, **heldout_accuracies(name, scores, golden_a, golden_b)})
     log("[rm] held-out accuracy (own data / demo>sft / chosen>rejected / golden order of sft pairs): "
         + "; ".join(f"{r['name']} {r['heldout_accuracy']:.2f}/{r['acc_demo_vs_sft']:.2f}/"
@@ -954,21 +1014,27 @@ def stage_reward_models(cfg, vocab, splits, samples, pi_init, pi_sft, golden):
     return reward_models, rows
 
 
+@timed("policy")
 def stage_policies(cfg, vocab, splits, pi_init, pi_sft, reward_models):
     """Each trained method of --methods (afd.py), from pi_sft: {method: policy}."""
     policies = {}
     for method in [m for m in methods_of(cfg) if m != "bon"]:
-        run = Run(cfg, vocab, splits, stage_config(cfg, "policy", unit=method))
-        if method == "afd_adversarial":
-            policies[method] = afd.afd_adversarial(pi_init, pi_sft, run, cfg)
-        elif method == "irl_iterated":
-            policies[method] = afd.irl_iterated(pi_init, pi_sft, run, cfg)
-        elif method == "irft":
-            policies[method] = afd.irft(pi_sft, run, cfg)
-        else:  # rl_<rm>: RL on reward model <rm>
-            policies[method] = afd.rl_on_reward(method, pi_sft, reward_models[method[3:]], run, cfg)
+        with timed(f"policy/{method}"):
+            policies[method] = train_method(method, cfg, vocab, splits, pi_init, pi_sft, reward_models)
         log(f"[{method}] done")
     return policies
+
+
+def train_method(method, cfg, vocab, splits, pi_init, pi_sft, reward_models):
+    """One trained method of afd.py (a --methods name other than bon), from pi_sft: its policy."""
+    run = Run(cfg, vocab, splits, stage_config(cfg, "policy", unit=method))
+    if method == "afd_adversarial":
+        return afd.afd_adversarial(pi_init, pi_sft, run, cfg)
+    if method == "irl_iterated":
+        return afd.irl_iterated(pi_init, pi_sft, run, cfg)
+    if method == "irft":
+        return afd.irft(pi_sft, run, cfg)
+    return afd.rl_on_reward(method, pi_sft, reward_models[method[3:]], run, cfg)  # rl_<rm>: RL on reward model <rm>
 
 
 def golden_parts(prompts, responses, cfg, P, N):
@@ -1022,13 +1088,15 @@ def add_share_of_ceiling(bon_rows):
             b["share_of_ceiling"] = (b["golden_reward"] - base) / max(oracle[b["n"]] - base, 1e-12)
 
 
+@timed("evaluate")
 def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, trained, golden):
     prompts, P, N = splits["eval_prompts"], len(splits["eval_prompts"]), cfg.bon_n
-    responses = {"init": sample(pi_init, prompts, 1, cfg, vocab, cfg.seed + 5, "eval pi_init"),
-                 "sft": sample(pi_sft, prompts, 1, cfg, vocab, cfg.seed + 6, "eval pi_sft"),
-                 "demonstrations": splits["eval_demos"]}
-    for name, policy in trained.items():  # the same sampling seed as SFT's
-        responses[name] = sample(policy, prompts, 1, cfg, vocab, cfg.seed + 6, f"eval {name}")
+    with timed("evaluate/sample policies"):
+        responses = {"init": sample(pi_init, prompts, 1, cfg, vocab, cfg.seed + 5, "eval pi_init"),
+                     "sft": sample(pi_sft, prompts, 1, cfg, vocab, cfg.seed + 6, "eval pi_sft"),
+                     "demonstrations": splits["eval_demos"]}
+        for name, policy in trained.items():  # the same sampling seed as SFT's
+            responses[name] = sample(policy, prompts, 1, cfg, vocab, cfg.seed + 6, f"eval {name}")
     golden_of = {name: golden(prompts, r) for name, r in responses.items()}
     policies = []
     for name in responses:
@@ -1041,7 +1109,8 @@ def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, tra
             policies[-1]["parts"] = {part: float(v.mean()) for part, v in parts.items()}
             policies[-1]["kinds"] = by_kind(golden_of[name], task)
         if name in trained:  # Monte-Carlo KL(pi || pi_sft) on the policy's own samples
-            log_ratio = score(LogRatioReward(trained[name], pi_sft), prompts, responses[name], cfg, vocab)
+            with timed("evaluate/kl to sft"):
+                log_ratio = score(LogRatioReward(trained[name], pi_sft), prompts, responses[name], cfg, vocab)
             policies[-1]["kl_to_sft"], policies[-1]["kl_to_sft_stderr"] = afd.kl_estimate(log_ratio, 0.0)
     # AVA-d's per-token rewards on the SFT responses with the highest and the lowest golden reward
     tokens = [{"prompt": task.eval_prompts[i], "response": vocab.decode(responses["sft"][i]),
@@ -1052,13 +1121,15 @@ def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, tra
                 for name in responses}
     bon_rows = []
     if "bon" in methods_of(cfg):  # Best-of-N: N candidates of pi_sft per prompt, every RM, every n <= N
-        candidates = sample(pi_sft, prompts, N, cfg, vocab, cfg.seed + 7, "bon pi_sft")
+        with timed("evaluate/sample candidates"):
+            candidates = sample(pi_sft, prompts, N, cfg, vocab, cfg.seed + 7, "bon pi_sft")
         flat_prompts = [p for p in prompts for _ in range(N)]
         golden_cand = golden(flat_prompts, candidates).view(P, N)
         wins = afd.win_rate_indicator(golden_cand, golden_of["sft"][:, None])  # (P, N) vs the SFT response
         parts = golden_parts(task.eval_prompts, [vocab.decode(c) for c in candidates], cfg, P, N)
         for name, rm in progress(reward_models.items(), desc="score candidates"):
-            scores = score(rm, flat_prompts, candidates, cfg, vocab).view(P, N)
+            with timed(f"evaluate/score {name}"):
+                scores = score(rm, flat_prompts, candidates, cfg, vocab).view(P, N)
             bon_rows += best_of_n_rows(name, lambda values, n: afd.best_of_n_estimate(scores, values, n),
                                        golden_cand, wins, parts, task, cfg)
             if name == "init_sft":
@@ -1114,6 +1185,7 @@ def main(argv):
     """The whole pipeline for a command line; returns the results (results.json)."""
     cfg = parse_args(argv)
     STAGE_LINES.clear()
+    STAGE_TIMES.clear()
     check_out_dir(cfg)
     setup_distributed(cfg)
     t0 = time.time()
@@ -1136,7 +1208,7 @@ def main(argv):
                "processes": WORLD, "config": asdict(cfg), "golden_reward": golden_info, "policies": policies,
                "reward_models": rm_rows, "best_of_n": bon_rows, "ava_token_rewards": tokens,
                "examples": examples, "stages": STAGE_LINES, "wall_time_s": time.time() - t0,
-               "stage_config": stage_config(cfg, "evaluate")}
+               "stage_times": STAGE_TIMES, "stage_config": stage_config(cfg, "evaluate")}
     if is_main():
         write_text(json.dumps(results, indent=2), os.path.join(cfg.out_dir, "results.json"))
         write_report(results, cfg.out_dir)
