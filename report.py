@@ -31,8 +31,30 @@ def rm_table(results):
                                for r in results["reward_models"]])
 
 
+def stage_time_table(results):
+    """Markdown: the run's wall time by stage, each stage's parts (a reward model, a method, the
+    scoring of one reward model's candidates, ...) under it, then the rest of the stage (work
+    outside its timed parts), with their shares of the whole run; "" for a run without them."""
+    times, total = results.get("stage_times"), results["wall_time_s"]
+    if not times:
+        return ""
+    share = lambda s: f"{100 * s / max(total, 1e-9):.1f}%"
+    lines = ["| stage | part | seconds | share of the run |", "|---|---|---:|---:|"]
+    for stage in [name for name in times if "/" not in name]:
+        parts = {name.split("/", 1)[1]: s for name, s in times.items() if name.startswith(stage + "/")}
+        lines.append(f"| {stage} | | {times[stage]:.1f} | {share(times[stage])} |")
+        lines += [f"| | {part} | {s:.1f} | {share(s)} |" for part, s in parts.items()]
+        if parts:
+            rest = times[stage] - sum(parts.values())
+            lines.append(f"| | (rest) | {rest:.1f} | {share(rest)} |")
+    rest = total - sum(s for name, s in times.items() if "/" not in name)
+    lines += [f"| (outside the stages) | | {rest:.1f} | {share(rest)} |", f"| **total** | | {total:.1f} | 100% |"]
+    return "\n".join(lines)
+
+
 def markdown_tables(results):
-    """The tables printed at the end of a run: policies, reward models, Best-of-n by n."""
+    """The tables printed at the end of a run: policies, reward models, Best-of-n by n, and where
+    the time went (stage_time_table)."""
     lines = ["| policy | golden reward | win rate vs SFT | KL to SFT |", "|---|---|---|---|"]
     for p in results["policies"]:
         kl = (f"{p['kl_to_sft']:.2f} ± {p['kl_to_sft_stderr']:.2f}" if "kl_to_sft" in p
@@ -40,17 +62,17 @@ def markdown_tables(results):
         lines.append(f"| {p['name']} | {p['golden_reward']:.3f} ± {p['golden_reward_stderr']:.3f} | "
                      f"{p['win_rate_vs_sft']:.3f} | {kl} |")
     lines += ["", rm_table(results)]
-    ns = sorted({b["n"] for b in results["best_of_n"]})
-    if not ns:
-        return "\n".join(lines)
-    lines += ["", "Best-of-n golden reward (± standard error) by reward model:", "",
-              "| reward model | " + " | ".join(f"n={n}" for n in ns) + " |",
-              "|---|" + "---|" * len(ns)]
-    for rm in dict.fromkeys(b["rm"] for b in results["best_of_n"]):
-        cells = [f"{b['golden_reward']:.3f} ± {b['golden_reward_stderr']:.3f}"
-                 for b in results["best_of_n"] if b["rm"] == rm]
-        lines.append(f"| {rm} | " + " | ".join(cells) + " |")
-    lines.append("| KL bound | " + " | ".join(f"{kl_bound(n):.2f}" for n in ns) + " |")
+    if ns := sorted({b["n"] for b in results["best_of_n"]}):
+        lines += ["", "Best-of-n golden reward (± standard error) by reward model:", "",
+                  "| reward model | " + " | ".join(f"n={n}" for n in ns) + " |",
+                  "|---|" + "---|" * len(ns)]
+        for rm in dict.fromkeys(b["rm"] for b in results["best_of_n"]):
+            cells = [f"{b['golden_reward']:.3f} ± {b['golden_reward_stderr']:.3f}"
+                     for b in results["best_of_n"] if b["rm"] == rm]
+            lines.append(f"| {rm} | " + " | ".join(cells) + " |")
+        lines.append("| KL bound | " + " | ".join(f"{kl_bound(n):.2f}" for n in ns) + " |")
+    if times := stage_time_table(results):
+        lines += ["", "Wall time by stage:", "", times]
     return "\n".join(lines)
 
 
@@ -260,6 +282,10 @@ def write_report(results, out_dir):
         report += ["## What each selector moves (built-in task)", "", parts, ""]
     if plot_golden_vs_kl(results, os.path.join(out_dir, "golden_vs_kl.png")):
         report += ["![golden reward against KL](golden_vs_kl.png)", ""]
+    if times := stage_time_table(results):
+        report += ["## Where the time went", "", "Wall time of each stage of this run, and of its parts: each reward "
+                   "model (its training and its held-out scoring), each trained method, and in the evaluation the "
+                   "sampling and the scoring of the Best-of-N candidates by each reward model.", "", times, ""]
     if results.get("stages"):
         report += ["## What the run did", "", "Each result trained, sampled or loaded (when up to date), with its "
                    "figures over the first 10 training steps -> the last 10 (halves of a shorter run).", ""]
