@@ -13,6 +13,9 @@ API
                                    -> data.make_batch's (idx, targets, last) for prompts with n responses
                                       each, every prompt run once (scoring: train.score)
     left_padded(prompts, device)   -> (idx, real) a left-padded batch of token lists
+    score_pairs(scorer, prompts, responses, pad_id, device, batch=256)
+                                   -> (B,) a scorer on flat lists of pairs, each prompt run once for a
+                                      group of its responses, equal pairs scored once, batches by length
     token_logprobs(model, idx, targets)  -> (B, T) per-token log-probs, 0 at -100
     sequence_logprob(model, idx, targets)  -> (B,) log-prob of each response, the sum of the above
     masked_mean(values, mask)      -> the mean over the unmasked entries (0 when there are none)
@@ -36,6 +39,7 @@ Pre-trained GPT-2 (Hugging Face layout, model.safetensors):
 Module names follow nanoGPT / GPT-2 so that GPT-2 weights can be loaded.
 """
 import copy
+import itertools
 import json
 import math
 import os
@@ -295,6 +299,44 @@ def shared_prompt_batch(prompts, responses, pad_id, device="cpu"):
     idx, real = left_padded(prompts, device)
     batch = SharedPrompts(idx, real, tokens.to(device), lengths.to(device))
     return batch, targets.to(device), lengths.to(device)
+
+
+@torch.inference_mode()
+def score_pairs(scorer, prompts, responses, pad_id, device, batch=256):
+    """scorer(idx, targets, last) -> (B,) (a reward model of reward.py, or any function of a batch)
+    on each (prompt, response) pair of two flat lists: (B,) float32 on the CPU. Equal pairs are scored
+    once, so they get equal scores; each prompt runs once for a group of its responses, and only the
+    responses' tokens run per row (shared_prompt_batch); batches hold responses of similar lengths
+    (scoring_batches). The same scores as on data.make_batch's rows, to float tolerance."""
+    pairs = list(zip(map(tuple, prompts), map(tuple, responses)))
+    unique = list(dict.fromkeys(pairs))  # the distinct pairs, in first-seen order
+    out = torch.zeros(len(unique))
+    for groups in scoring_batches(unique, batch):
+        idx, targets, last = shared_prompt_batch([unique[g[0]][0] for g in groups],
+                                                 [[unique[i][1] for i in g] for g in groups], pad_id, device)
+        out[[i for g in groups for i in g]] = scorer(idx, targets, last).float().cpu()
+    where = {pair: i for i, pair in enumerate(unique)}
+    return out[[where[pair] for pair in pairs]]
+
+
+def scoring_batches(pairs, batch, group_size=8):
+    """The distinct (prompt, response) pairs to score, in batches of up to `batch` rows: each prompt's
+    responses, sorted by length, are cut into groups of up to group_size rows (a group runs its prompt
+    once); a batch holds groups of one size, of similar longest responses, so little padding (group_size
+    trades reruns of a prompt against padding: 8 scores the cpu run's Best-of-32 candidates fastest).
+    Yields lists of groups, each a list of indices into pairs."""
+    by_prompt = {}
+    for i, (prompt, _) in enumerate(pairs):
+        by_prompt.setdefault(prompt, []).append(i)
+    groups = []
+    for rows in by_prompt.values():
+        rows.sort(key=lambda i: len(pairs[i][1]))
+        groups += [rows[k:k + group_size] for k in range(0, len(rows), group_size)]
+    groups.sort(key=lambda g: (len(g), len(pairs[g[-1]][1]), len(pairs[g[0]][0])))  # size, longest response, prompt
+    for size, same_size in itertools.groupby(groups, key=len):
+        same_size, per_batch = list(same_size), max(1, batch // size)
+        for k in range(0, len(same_size), per_batch):
+            yield same_size[k:k + per_batch]
 
 
 def token_logprobs(model, idx, targets):

@@ -46,7 +46,7 @@ import afd
 import data
 from report import curve_summary, markdown_tables, write_report, write_text
 from model import (GPT, GPTConfig, atomic_write, configure_optimizer, frozen_copy, generate, memory_bytes,
-                   num_params, shared_prompt_batch, trainable_copy)
+                   num_params, score_pairs, trainable_copy)
 from reward import (AVA, POINTWISE, RM_NAMES, AVARewardModel, LogRatioReward, RewardModel, ava_d_loss,
                     ava_p_loss, heldout_accuracies, pairwise_accuracy, pairwise_loss)
 
@@ -770,23 +770,13 @@ def sample(policy, prompts, n, cfg, vocab, seed, desc):
     return gather_rows(out)
 
 
-@torch.inference_mode()
 def score(scorer, prompts, responses, cfg, vocab, batch=256):
-    """Reward of each (prompt, response) pair: (B,) float tensor on the CPU. Equal pairs are scored
-    once (so they get equal scores); each prompt runs once for a group of its responses, and only
-    the responses' tokens run per row (model.shared_prompt_batch); batches hold responses of similar
-    lengths (scoring_batches). The same scores as data.make_batch's rows, to float tolerance."""
+    """Reward of each (prompt, response) pair: (B,) float tensor on the CPU, by model.score_pairs:
+    equal pairs scored once, each prompt run once for a group of its responses, batches of similar
+    lengths. The same scores as on data.make_batch's full sequences, to float tolerance."""
     lo, hi = shard(len(prompts))
-    pairs = list(zip(map(tuple, prompts[lo:hi]), map(tuple, responses[lo:hi])))
-    unique = list(dict.fromkeys(pairs))  # the distinct pairs, in first-seen order
-    out = torch.zeros(len(unique))
-    for groups in scoring_batches(unique, batch):
-        idx, targets, last = shared_prompt_batch([unique[g[0]][0] for g in groups],
-                                                 [[unique[i][1] for i in g] for g in groups], vocab.eot_id, cfg.device)
-        with autocast(cfg):
-            out[[i for g in groups for i in g]] = scorer(idx, targets, last).float().cpu()
-    where = {pair: i for i, pair in enumerate(unique)}
-    return gather_tensor(out[[where[pair] for pair in pairs]])
+    with autocast(cfg):
+        return gather_tensor(score_pairs(scorer, prompts[lo:hi], responses[lo:hi], vocab.eot_id, cfg.device, batch))
 
 
 def score_kinds(scorer, prompts, responses, cfg, vocab):
@@ -797,25 +787,6 @@ def score_kinds(scorer, prompts, responses, cfg, vocab):
     flat_responses = [r for row in zip(*responses.values()) for r in row]
     scores = score(scorer, flat_prompts, flat_responses, cfg, vocab).view(len(prompts), len(responses))
     return {kind: scores[:, k] for k, kind in enumerate(responses)}
-
-
-def scoring_batches(pairs, batch, group_size=8):
-    """The distinct (prompt, response) pairs to score, in batches of up to `batch` rows: each prompt's
-    responses, sorted by length, are cut into groups of up to group_size rows (a group runs its prompt
-    once); a batch holds groups of one size, of similar longest responses, so little padding.
-    Yields lists of groups, each a list of indices into pairs."""
-    by_prompt = {}
-    for i, (prompt, _) in enumerate(pairs):
-        by_prompt.setdefault(prompt, []).append(i)
-    groups = []
-    for rows in by_prompt.values():
-        rows.sort(key=lambda i: len(pairs[i][1]))
-        groups += [rows[k:k + group_size] for k in range(0, len(rows), group_size)]
-    groups.sort(key=lambda g: (len(g), len(pairs[g[-1]][1]), len(pairs[g[0]][0])))  # size, longest response, prompt
-    for size, same_size in itertools.groupby(groups, key=len):
-        same_size, per_batch = list(same_size), max(1, batch // size)
-        for k in range(0, len(same_size), per_batch):
-            yield same_size[k:k + per_batch]
 
 
 # ----------------------------------------------------------------------------------------

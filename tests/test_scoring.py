@@ -1,4 +1,4 @@
-"""Scoring that runs each prompt once (model.SharedPrompts, train.score): every scorer gets the same
+"""Scoring that runs each prompt once (model.SharedPrompts, model.score_pairs, train.score): every scorer gets the same
 numbers as on data.make_batch's full sequences, to float tolerance, and equal pairs get equal scores.
 Prompts of different lengths (left padding), responses of different lengths (right padding), one-token
 and empty responses, all in one call."""
@@ -10,7 +10,7 @@ import torch
 import reward
 import train
 from data import make_batch
-from model import SharedPrompts, shared_prompt_batch
+from model import SharedPrompts, scoring_batches, shared_prompt_batch
 
 # 3 prompts of lengths 3, 6 and 1, each with 3 responses: lengths 0-10, some of one token
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
@@ -150,7 +150,7 @@ def test_scoring_batches_cover_each_pair_once_in_groups_of_one_prompt():
     pairs = list(dict.fromkeys((tuple(p), tuple(r)) for p, r in zip(prompts * 3, [r + [1] * k for k in range(3)
                                                                                  for r in responses])))
     seen = []
-    for groups in train.scoring_batches(pairs, batch=8, group_size=4):
+    for groups in scoring_batches(pairs, batch=8, group_size=4):
         assert len({len(g) for g in groups}) == 1 and sum(map(len, groups)) <= max(8, len(groups[0]))
         for g in groups:
             assert 1 <= len(g) <= 4 and len({pairs[i][0] for i in g}) == 1  # one prompt, run once for the group
