@@ -22,7 +22,18 @@ SDPA attention), measured side by side in one run, at each model size of --sizes
    divided by a peak measured in the same run, a 2048 x 2048 float32 matmul (2 n^3 FLOPs, best of 10)
    on CPU, or the GPU's dense bf16 peak (a table constant) on CUDA, where everything runs under bf16
    autocast.
-3. Memory: peak RSS (resource.getrusage ru_maxrss, its high-water mark reset before the call through
+3. Scoring, candidates scored/s: the sequence log-prob sum_t log p(y_t | x, y_<t) of P' = score_prompts random
+   prompts x N candidates (random tokens, lengths uniform in 1..L, all distinct), what LogRatioReward and the
+   KL estimate compute (a reward model's forward is the same trunk with another head). Scorers:
+     ours      model.score_pairs, train.score's path: each prompt runs once for a group of up to 8 of its
+               candidates, only the candidates' tokens per row (model.SharedPrompts), batches grouped by length
+     plain     our model on data.make_batch's full sequences (prompt + candidate), score_batch rows at a
+               time in the given order: the path train.score took before
+     hf        GPT2LMHeadModel on the same batches as plain (attention_mask on the right padding)
+   The table gives each side's candidates/s, ours / plain, ours / HF, and the largest difference of a
+   score from plain's (the same numbers to float tolerance). Real Best-of-N candidates repeat (the cpu
+   run's 32 per prompt hold about 12 distinct ones), which ours scores once: a further gain not measured here.
+4. Memory: peak RSS (resource.getrusage ru_maxrss, its high-water mark reset before the call through
    /proc/self/clear_refs) on CPU, torch.cuda.max_memory_allocated on CUDA, during the first (warm-up)
    call of each side; "+MB" is the increase over the start of that call (freed memory handed back first).
 
@@ -30,8 +41,8 @@ Every time is the median of --reps timed repetitions (time.perf_counter, torch.c
 after --warmup untimed calls; the repetitions of the sides compared are taken in turns (ours, hf, ours,
 hf, ...), so that a busy neighbour or a hot cache falls on both alike. The slow no-cache loop gets
 --slow_reps and no warm-up of its own (it runs right after ours, on the same model). torch.set_num_threads
-is left at its default. Ratios are ours / HF in tokens/s. Prints a markdown table and writes every number
-to --out (JSON). Without transformers it prints a note and measures ours only.
+is left at its default. Ratios are ours / HF (or ours / plain) in tokens/s or candidates/s. Prints markdown
+tables and writes every number to --out (JSON). Without transformers it prints a note and measures ours only.
 
     python bench.py                                   # CPU: about 1.5 minutes on 2 cores
     python bench.py --device=cuda --out=bench_cuda.json
@@ -53,7 +64,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, _sample, atomic_write, configure_optimizer, generate
+from data import make_batch
+from model import GPT, GPTConfig, _sample, atomic_write, configure_optimizer, generate, score_pairs, sequence_logprob
 
 try:
     import transformers
@@ -78,6 +90,8 @@ class Settings:
     samples: int = 16            # N
     new_tokens: int = 32         # L
     batch: int = 16              # B (training)
+    score_prompts: int = 32      # P' (scoring): N = samples candidates each, lengths uniform in 1..new_tokens
+    score_batch: int = 256       # rows per scoring batch (train.score's default)
     seq_len: int = 128           # T (training)
     warmup: int = 1
     reps: int = 5
@@ -269,6 +283,46 @@ def draw_hf(logits, g):
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=g).squeeze(1)
 
 
+# ---------------------------------------------------------------------------------------------- scoring
+# Each returns the number of candidates it scored, and keeps its scores in `out` for the comparison.
+
+def scoring_data(s):
+    """P' random prompts of prompt_len tokens, N random candidates each of lengths uniform in 1..L: flat lists."""
+    g = torch.Generator().manual_seed(s.seed + 3)
+    prompts = torch.randint(0, s.vocab_size, (s.score_prompts, s.prompt_len), generator=g).tolist()
+    lengths = torch.randint(1, s.new_tokens + 1, (s.score_prompts * s.samples,), generator=g).tolist()
+    candidates = [torch.randint(0, s.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return [p for p in prompts for _ in range(s.samples)], candidates
+
+
+def score_ours(model, prompts, candidates, s, device, out):
+    """model.score_pairs: each prompt once per group of its candidates, batches grouped by length."""
+    out["ours"] = score_pairs(lambda idx, targets, last: sequence_logprob(model, idx, targets), prompts, candidates,
+                              0, device, s.score_batch)
+    return len(candidates)
+
+
+@torch.inference_mode()
+def score_plain(logprob, prompts, candidates, s, device, out, name):
+    """logprob(idx, targets) (B,) on data.make_batch's full sequences, score_batch rows at a time, in order."""
+    scores = []
+    for i in range(0, len(prompts), s.score_batch):
+        idx, targets, last = make_batch(prompts[i:i + s.score_batch], candidates[i:i + s.score_batch], 0, device)
+        scores.append(logprob(idx, targets, last).float().cpu())
+    out[name] = torch.cat(scores)
+    return len(candidates)
+
+
+def hf_logprob(model):
+    """The sequence log-prob under a GPT2LMHeadModel of make_batch's rows (right-padded: attention_mask)."""
+    def logprob(idx, targets, last):
+        mask = torch.arange(idx.size(1), device=idx.device) <= last[:, None]  # (B, T) real tokens
+        logits = model(input_ids=idx, attention_mask=mask.long()).logits  # (B, T, V)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return logp.masked_fill(targets == -100, 0.0).sum(dim=1)  # (B,)
+    return logprob
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 def train_step_fn(model, logits_of, s, device):
@@ -326,6 +380,19 @@ def bench_size(n_layer, n_embd, s, device, peak_flops):
     for name, r in res["sampling"].items():
         assert r["tokens"] == s.prompts * s.samples * s.new_tokens, f"{name} produced {r['tokens']} tokens"
 
+    print(f"  {n_layer}x{n_embd}: scoring", file=sys.stderr, flush=True)
+    prompts, candidates, scores = *scoring_data(s), {}
+    scorers = {"ours": lambda: score_ours(ours, prompts, candidates, s, device, scores),
+               "plain": lambda: score_plain(lambda idx, targets, last: sequence_logprob(ours, idx, targets),
+                                            prompts, candidates, s, device, scores, "plain"),
+               "hf": lambda: score_plain(hf_logprob(hf), prompts, candidates, s, device, scores, "hf")}
+    if hf is None:
+        del scorers["hf"]
+    with autocast(device):
+        res["scoring"] = measure(scorers, device, s.reps, s.warmup)
+    for name, r in res["scoring"].items():
+        r["max_diff_vs_plain"] = (scores[name] - scores["plain"]).abs().max().item()
+
     print(f"  {n_layer}x{n_embd}: training", file=sys.stderr, flush=True)
     trainers = {"ours": train_step_fn(ours, lambda m, x: m(x)[0], s, device)}
     if hf is not None:
@@ -377,6 +444,25 @@ def sampling_table(results, s):
     return out
 
 
+def scoring_table(results, s):
+    n = s.score_prompts * s.samples
+    out = [f"Scoring, candidates scored/s: the sequence log-prob of P'={s.score_prompts} prompts of {s.prompt_len} "
+           f"tokens x N={s.samples} candidates = {n} candidates of 1..{s.new_tokens} tokens (uniform, all distinct), "
+           f"{s.score_batch} rows a batch.",
+           "",
+           "| model | ours (shared prompts) | plain | HF | ours / plain | ours / HF | max score diff vs plain: ours / HF "
+           "| peak MB (+MB): ours / plain / HF |",
+           "|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in results:
+        sc = r["scoring"]
+        cps = [fmt(sc[k]["tok_per_s"], ".0f") if k in sc else "-" for k in ("ours", "plain", "hf")]
+        diffs = " / ".join(fmt(sc[k]["max_diff_vs_plain"], ".1e") if k in sc else "-" for k in ("ours", "hf"))
+        out.append(f"| {size_name(r)} | {' | '.join(cps)} | {fmt(ratio(r, 'scoring', 'ours', 'plain'), '.2f', 'x')} "
+                   f"| {fmt(ratio(r, 'scoring', 'ours', 'hf'), '.2f', 'x')} | {diffs} "
+                   f"| {' / '.join(mem(sc.get(k)) for k in ('ours', 'plain', 'hf'))} |")
+    return out
+
+
 def training_table(results, s, env):
     peak = env["peak_flops"]
     out = [f"Training, tokens/s of one forward + backward + AdamW step, B={s.batch} x T={s.seq_len}. "
@@ -400,7 +486,8 @@ def markdown(results, s, env):
             f"warm-up ({s.slow_reps} for no-cache, no warm-up). Vocabulary {s.vocab_size}, random weights"
             + (", identical in ours and HF." if env["transformers"] else "."), ""]
     notes = ["", env["memory_note"]] if env["memory_note"] else []
-    return "\n".join(head + sampling_table(results, s) + [""] + training_table(results, s, env) + notes)
+    return "\n".join(head + sampling_table(results, s) + [""] + training_table(results, s, env) + [""]
+                     + scoring_table(results, s) + notes)
 
 
 def device_name(device):
