@@ -25,7 +25,7 @@ SDPA attention), measured side by side in one run, at each model size of --sizes
 3. Scoring, candidates scored/s: the sequence log-prob sum_t log p(y_t | x, y_<t) of P' = score_prompts random
    prompts x N candidates (random tokens, lengths uniform in 1..L, all distinct), what LogRatioReward and the
    KL estimate compute (a reward model's forward is the same trunk with another head). Scorers:
-     ours      model.score_pairs, train.score's path: each prompt runs once for a group of up to 8 of its
+     ours      model.score_pairs, train.score's path: each prompt runs once for a group of up to 4 of its
                candidates, only the candidates' tokens per row (model.SharedPrompts), batches grouped by length
      plain     our model on data.make_batch's full sequences (prompt + candidate), score_batch rows at a
                time in the given order: the path train.score took before
