@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from data import make_batch
-from model import (configure_optimizer, frozen_copy, generate, masked_mean, sequence_logprob, token_logprobs,
-                   trainable_copy)
+from model import (configure_optimizer, frozen_copy, generate, masked_mean, sequence_logprob, shared_prompt_batch,
+                   token_logprobs, trainable_copy)
 from reward import RewardModel, pairwise_loss
 
 
@@ -86,13 +86,14 @@ class PolicyBatch:
 @torch.no_grad()
 def sample_batch(policy, prompts, group_size, max_new_tokens, eos_id, generator, temperature=1.0):
     """One sampling step (METHOD.md section 4): y_i ~ pi(.|x), group_size of them per prompt.
-    Returns the batch (idx, targets, last) of data.make_batch, rows prompt-major: the
-    group_size samples of the first prompt, then those of the second, ..."""
+    Returns the batch (idx, targets, last) of model.shared_prompt_batch, rows prompt-major: the
+    group_size samples of the first prompt, then those of the second, ...; each prompt runs once
+    for its group in every forward on the batch (the policy's, the reference's, a reward model's)."""
     model = getattr(policy, "module", policy)  # a DistributedDataParallel wrapper samples through its module
     tokens, lengths = generate(model, prompts, group_size, max_new_tokens, eos_id, temperature, None, generator)
     responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
-    return make_batch([p for p in prompts for _ in range(group_size)], responses, eos_id,
-                      next(model.parameters()).device)
+    groups = [responses[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
+    return shared_prompt_batch(prompts, groups, eos_id, next(model.parameters()).device)
 
 
 def rloo_advantages(rewards):
@@ -153,7 +154,7 @@ def adversarial_step(policy, ref, disc, disc_opt, batch, cfg):
     # 1. sample K responses per prompt from the current policy
     samples = sample_batch(policy, batch.prompts, K, cfg.max_new_tokens, batch.eos_id, batch.generator,
                            cfg.temperature)
-    demos = make_batch(batch.prompts, batch.demonstrations, batch.eos_id, samples[0].device)
+    demos = make_batch(batch.prompts, batch.demonstrations, batch.eos_id, samples[1].device)
     # 2. one discriminator step: the demonstrations against the samples
     disc.train()
     r_demo, r_sample = disc(*demos), disc(*samples)                  # (P,), (P*K,)

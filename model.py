@@ -85,7 +85,8 @@ class CausalSelfAttention(nn.Module):
             v_cache[:, :, cache_pos:cache_pos + T] = v
             k, v = k_cache[:, :, :cache_pos + T], v_cache[:, :, :cache_pos + T]  # (B, nh, T_total, hd)
         if prefix is not None:
-            y = shared_prefix_attention(q, k, v, attn_mask, *prefix)  # (B, nh, T, hd)
+            y = shared_prefix_attention(q, k, v, attn_mask, *prefix,
+                                        dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
@@ -93,9 +94,10 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias):
+def shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias, dropout_p=0.0):
     """Attention over a prefix of keys shared by groups of rows, then each row's own keys: what SDPA over the
-    concatenation [prefix keys of the row's group, own keys] computes (no dropout), but the prefix is stored
+    concatenation [prefix keys of the row's group, own keys] computes (dropout_p: on the attention weights,
+    as SDPA's, in training), but the prefix is stored
     and read once per group, not once per row (Best-of-N: the n samples of a prompt share its keys).
     q: (B, nh, T, hd); k, v: (B, nh, S, hd) the row's own keys; attn_mask: bool (B or 1, 1, T, S) or None.
     k_pre, v_pre: (G, nh, L, hd), group g shared by rows g*n .. (g+1)*n-1 (n = B // G);
@@ -120,6 +122,8 @@ def shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias):
         if attn_mask is not None:
             s_own = s_own.masked_fill(~attn_mask, float('-inf'))
         w = torch.cat([ungrouped(s_pre), s_own], dim=-1).softmax(dim=-1)  # (B, nh, T, L + S)
+        if dropout_p > 0:
+            w = F.dropout(w, dropout_p)
         w_pre, w_own = w.split([L, k.size(2)], dim=-1)
         y = ungrouped(torch.bmm(grouped(w_pre), v_pre.reshape(G * nh, L, hd))) + w_own @ v  # (B, nh, T, hd)
     return y.to(dtype)
