@@ -407,7 +407,8 @@ def is_write_failure(error):
 
 
 def why_not_written(error, path):
-    """The reason a write failed, in words: the OS's, or a full disk found by looking."""
+    """The reason a write failed, in words: the OS's, else (torch.save's writer says only "unexpected
+    pos") a full disk found by looking, else what can stop a write part-way."""
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno)
     try:
@@ -415,7 +416,7 @@ def why_not_written(error, path):
             return os.strerror(errno.ENOSPC)
     except OSError:
         pass
-    return str(error).splitlines()[0][:200]
+    return "it could not be written in full (no space left on the device, or a quota or file-size limit)"
 
 
 # ----------------------------------------------------------------------------------------------
