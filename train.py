@@ -255,6 +255,11 @@ def validate(cfg):
             die(f"--{f.name}={value} must be {FLOAT_RANGES[f.name][1]}")
         if f.name in CHOICES and value not in CHOICES[f.name]:
             die(f"--{f.name}={value!r}: choose one of {', '.join(CHOICES[f.name])}")
+    if abs(cfg.seed) >= 2**62:
+        die(f"--seed={cfg.seed} is too large: pick one below 2**62")
+    if cfg.batch_size < 2:
+        die(f"--batch_size={cfg.batch_size} must be at least 2 (a reward model's batch is half positives, "
+            f"half negatives)")
     if cfg.top_k < 0:
         die(f"--top_k={cfg.top_k} must be at least 0 (0 = no top-k filter)")
     if cfg.n_embd % cfg.n_head:
@@ -315,8 +320,8 @@ def setup_distributed(cfg):
     if cuda:
         cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(cfg.device)
-    if cfg.batch_size % WORLD:
-        die(f"--batch_size={cfg.batch_size} must be a multiple of the {WORLD} processes")
+    if cfg.batch_size % WORLD or cfg.batch_size < 2 * WORLD:
+        die(f"--batch_size={cfg.batch_size} must be a multiple of the {WORLD} processes, at least 2 each")
 
 
 def is_main():
@@ -1209,11 +1214,11 @@ def main(argv):
     return results
 
 
-def cli(argv):
-    """main for the command line: an interruption or a file that cannot be written ends the run
-    with one line saying what to do, not a traceback; what was finished stays in --out_dir."""
+def cli(argv, entry=None):
+    """entry (main) for the command line: an interruption or a file that cannot be written ends
+    the run with one line saying what to do, not a traceback; what was finished stays in --out_dir."""
     try:
-        main(argv)
+        (entry or main)(argv)
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages and the last checkpoint are kept in --out_dir; run the same "
               "command again to go on from there", file=sys.stderr)

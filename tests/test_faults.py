@@ -221,6 +221,8 @@ def bad_inputs(tmp):
         (["--dropout=1.5"], "--dropout=1.5 must be in [0, 1)", 2),
         (["--multi_turn_prob=-0.1"], "--multi_turn_prob=-0.1 must be a probability", 2),
         (["--grad_clip=nan"], "--grad_clip=nan must be positive", 2),
+        (["--seed=99999999999999999999"], "--seed=99999999999999999999 is too large", 2),
+        (["--batch_size=1"], "--batch_size=1 must be at least 2", 2),
         (["--max_new_tokens=128"], "--max_new_tokens=128 leaves no room for a prompt in --block_size=128", 2),
         (["--bon_n=1000000"], "lower --bon_n or --n_eval", 2),
         ([f"--demos={tmp / 'eot.jsonl'}"], f"{tmp / 'eot.jsonl'} line 1: the prompt holds the text '<|endoftext|>'", 2),
