@@ -416,7 +416,7 @@ CODE_FILES = ("model", "data", "reward", "afd", "train")   # the project's modul
 STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain"], "sft": ["train.stage_sft"],
               "sample": ["train.stage_sample"], "rm": ["train.stage_gold", "train.stage_reward_models"],
               "policy": ["train.stage_policies"], "evaluate": ["train.stage_evaluate"]}
-OUTPUT_ONLY = {"train.log", "train.die", "train.progress"}  # they print; no result depends on them
+OUTPUT_ONLY = {"train.log", "train.die", "train.progress", "train.not_finite"}  # they print; no result depends on them
 # Within a stage, each reward model and each method is stamped with its own code only (the
 # others' entry points are left out), so that an edited IRFT loss retrains IRFT, not the rest.
 UNIT_CODE = {"rm": {"init_sft": "afd.discriminator_loss", "init_demo": "afd.discriminator_loss",
