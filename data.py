@@ -524,7 +524,8 @@ def inner_eot(**texts):
 
 
 def read_demos(path):
-    """Demonstrations from a JSON-lines file, one {"prompt": ..., "response": ...} a line.
+    """Demonstrations from a JSON-lines file (gzipped if its name ends with .gz), one
+    {"prompt": ..., "response": ...} a line.
 
     The prompt is a dialogue in the HH-RLHF format ending with "\n\nAssistant:"; the
     response is the text that follows it (end-of-text is appended if missing). Blank lines
@@ -533,7 +534,7 @@ def read_demos(path):
     fix = 'each line must be one JSON object {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "response": " ..."}'
     rows, lines = [], []
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             for k, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -557,7 +558,9 @@ def read_demos(path):
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise DataError(f"{path}: cannot read it ({e.strerror}); give the path of a JSON-lines file") from None
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; give a JSON-lines file") from None
+        raise DataError(f"{path}: {not_text(path)}; give a JSON-lines file") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise DataError(f"{path}: not a valid gzip file (a corrupt or truncated file?)") from None
     if not rows:
         raise DataError(f"{path}: holds no demonstrations (an empty file?); {fix}")
     return rows, lines

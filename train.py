@@ -497,10 +497,13 @@ def save_atomic(obj, path):
 def load_checkpoint(path):
     """A checkpoint's dict, unpickled safely (tensors and plain data only, never code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything else with an UnpicklingError
         die(f"{path} is not a safe checkpoint of this project ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120]}); delete it, or use another --out_dir")
+    if not isinstance(state, dict):
+        die(f"{path} holds a {type(state).__name__}, not a checkpoint of this project; delete it, or use another --out_dir")
+    return state
 
 
 def stage_config(cfg, stage, unit=None):
@@ -1170,6 +1173,8 @@ def saved_results(cfg):
         with open(path) as f:
             results = json.load(f)
     except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict):
         return None
     if results.get("stage_config") != (current := stage_config(cfg, "evaluate")):
         log(f"[evaluate] {changes(results.get('stage_config', {}), current)} since {path}: redoing it")

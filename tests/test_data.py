@@ -139,3 +139,13 @@ def test_golden_parts_sum_to_the_golden_reward_and_name_the_kind():
                      "length": pytest.approx(-0.1 * (30 - 20))}
     assert sum(parts.values()) == pytest.approx(golden_reward(p, " Sure! Take a knife and" + " go" * 25 + "." + EOT))
     assert prompt_kind(p) == "harmful" and prompt_kind(prompt("What is 3 plus 4?")) == "arithmetic"
+
+
+def test_demonstrations_may_be_gzipped_and_a_misnamed_gzip_says_so(tmp_path):
+    import gzip
+    line = json.dumps({"prompt": "\n\nHuman: Hi\n\nAssistant:", "response": " Hello."}) + "\n"
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(line.encode()))
+    assert data.read_demos(tmp_path / "d.jsonl.gz")[0] == [("\n\nHuman: Hi\n\nAssistant:", " Hello." + EOT)]
+    (tmp_path / "d.jsonl").write_bytes(gzip.compress(line.encode()))
+    with pytest.raises(data.DataError, match="gzipped, but its name does not end with .gz: name it .jsonl.gz"):
+        data.read_demos(tmp_path / "d.jsonl")

@@ -279,3 +279,13 @@ def test_a_checkpoint_with_nan_weights_is_refused(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == ("error: bad.pt holds NaN or infinite weights (transformer.ln_f.weight); "
                                        "delete it and run again\n")
+
+
+def test_files_in_the_out_dir_that_are_not_ours_are_refused_or_redone(tmp_path, capsys):
+    torch.save(torch.zeros(3), tmp_path / "pi_init.pt")  # a safe file, but not a checkpoint
+    with pytest.raises(SystemExit) as e:
+        train.load_checkpoint(str(tmp_path / "pi_init.pt"))
+    assert e.value.code == 2 and "holds a Tensor, not a checkpoint of this project; delete it" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text("[1, 2]")  # JSON, but not results: redone, not trusted
+    cfg = train.parse_args(["--preset=smoke", f"--out_dir={tmp_path}"])
+    assert train.saved_results(cfg) is None
