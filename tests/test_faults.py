@@ -134,8 +134,11 @@ def test_process_killed_after_a_rename_resumes_to_the_same_results(run, referenc
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_the_rerun_goes_on(run, tmp_path):
     out = tmp_path / "out"
+    # a shell's background job starts with SIGINT ignored, and Python then keeps it ignored: the child
+    # gets the default disposition, as a command typed at a terminal has
     proc = subprocess.Popen([sys.executable, "train.py", *ARGS, f"--out_dir={out}", "--methods=bon"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "pi_sft.pt").exists() and time.time() < deadline:
         time.sleep(0.01)
