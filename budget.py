@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+from functools import partial
 
 import numpy as np
 
@@ -132,7 +133,7 @@ def main(argv):
         for name in SHARED:  # pi_init and pi_sft do not depend on the reward-model budget
             if run_dir != first and os.path.exists(os.path.join(first, name)) and \
                     not os.path.exists(os.path.join(run_dir, name)):
-                shutil.copy(os.path.join(first, name), os.path.join(run_dir, name))
+                atomic_write(os.path.join(run_dir, name), partial(shutil.copyfile, os.path.join(first, name)))
         train.log(f"[budget] x{factor}: rm_steps {cfg.rm_steps * factor}, n_rm_samples {cfg.n_rm_samples * factor}")
         results = train.main(argv + [f"--out_dir={run_dir}", "--methods=bon", f"--rm_steps={cfg.rm_steps * factor}",
                                      f"--n_rm_samples={cfg.n_rm_samples * factor}"])
@@ -152,4 +153,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    train.cli(sys.argv[1:], main)

@@ -22,6 +22,7 @@ Tokenizer, the built-in task and its golden reward, and batching.
 
     python data.py          # prints a few examples of each kind and their golden rewards
 """
+import base64
 import gzip
 import hashlib
 import json
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tiktoken
-import tiktoken.load
 import torch
 
 EOT = "<|endoftext|>"
@@ -50,21 +50,29 @@ def gpt2_encoding():
     """The GPT-2 BPE, identical to tiktoken.get_encoding("r50k_base"), built offline.
 
     tiktoken.get_encoding downloads the ranks file; we ship that file (MIT, OpenAI) and
-    build the same Encoding from it, checking the hash tiktoken itself checks.
+    build the same Encoding from it, checking the hash tiktoken itself checks. The ranks are
+    parsed here from the very bytes that were checked (tiktoken's own loader would read them
+    again through a cache folder of its own, which nothing checks).
     """
     global _ENCODING
     if _ENCODING is None:
         if not RANKS_FILE.exists():
             raise FileNotFoundError(f"{RANKS_FILE} is missing: restore it from git "
                                     "(`git checkout assets/`), it is the GPT-2 tokenizer")
-        if hashlib.sha256(RANKS_FILE.read_bytes()).hexdigest() != RANKS_SHA256:
+        ranks_file = RANKS_FILE.read_bytes()
+        if hashlib.sha256(ranks_file).hexdigest() != RANKS_SHA256:
             raise ValueError(f"{RANKS_FILE} is corrupt (sha256 mismatch): restore it from git")
         from tiktoken_ext.openai_public import r50k_pat_str  # the regex GPT-2 splits on
         _ENCODING = tiktoken.Encoding(
-            name="r50k_base", pat_str=r50k_pat_str,
-            mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(RANKS_FILE)),
+            name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=parse_ranks(ranks_file),
             special_tokens={EOT: 50256}, explicit_n_vocab=50257)
     return _ENCODING
+
+
+def parse_ranks(ranks_file):
+    """{token bytes: rank} of a .tiktoken file's bytes: one "base64(token) rank" a line."""
+    return {base64.b64decode(token): int(rank) 
+            for token, rank in (line.split() for line in ranks_file.splitlines() if line)}
 
 
 class Vocab:
@@ -504,8 +512,20 @@ class DataError(ValueError):
     """A problem with a file the user gave; the message names the file, the line and a fix."""
 
 
+def inner_eot(**texts):
+    """What is wrong if a text holds the literal "<|endoftext|>" anywhere but at its very end (a
+    response may end with it): GPT-2 reads it as its end-of-text token, which would cut the text
+    there. "" if none does."""
+    for name, text in texts.items():
+        if EOT in text.removesuffix(EOT):
+            return (f"the {name} holds the text {EOT!r}, GPT-2's end-of-text token, which would end the "
+                    f"text there; remove it (only the very end of a response may have it)")
+    return ""
+
+
 def read_demos(path):
-    """Demonstrations from a JSON-lines file, one {"prompt": ..., "response": ...} a line.
+    """Demonstrations from a JSON-lines file (gzipped if its name ends with .gz), one
+    {"prompt": ..., "response": ...} a line.
 
     The prompt is a dialogue in the HH-RLHF format ending with "\n\nAssistant:"; the
     response is the text that follows it (end-of-text is appended if missing). Blank lines
@@ -514,7 +534,7 @@ def read_demos(path):
     fix = 'each line must be one JSON object {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "response": " ..."}'
     rows, lines = [], []
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             for k, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -529,6 +549,8 @@ def read_demos(path):
                 if not prompt.endswith(ASSISTANT) or HUMAN not in prompt:
                     raise DataError(f"{path} line {k}: the prompt must be a dialogue ending with "
                                     f"{ASSISTANT!r} (the HH-RLHF format); {fix}")
+                if (where := inner_eot(prompt=prompt, response=response)):
+                    raise DataError(f"{path} line {k}: {where}")
                 if not response.replace(EOT, "").strip():
                     raise DataError(f"{path} line {k}: the response is empty")
                 rows.append((prompt, response if response.endswith(EOT) else response + EOT))
@@ -536,7 +558,9 @@ def read_demos(path):
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise DataError(f"{path}: cannot read it ({e.strerror}); give the path of a JSON-lines file") from None
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; give a JSON-lines file") from None
+        raise DataError(f"{path}: {not_text(path)}; give a JSON-lines file") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise DataError(f"{path}: not a valid gzip file (a corrupt or truncated file?)") from None
     if not rows:
         raise DataError(f"{path}: holds no demonstrations (an empty file?); {fix}")
     return rows, lines
@@ -552,7 +576,7 @@ HH_SOURCE = ("get it from https://huggingface.co/datasets/Anthropic/hh-rlhf or w
              "`git clone https://github.com/anthropics/hh-rlhf` (its files are in git-lfs: "
              "run `git lfs pull` in the clone)")
 HH_FIX = ('each line must be one JSON object {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", '
-          '"rejected": "..."}; fix the line or pass skip_bad_lines=True to skip such lines')
+          '"rejected": "..."}; fix the line, or rerun with --skip_bad_lines to skip such lines')
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -582,6 +606,8 @@ def _hh_line(line):
     for key in ("chosen", "rejected"):
         if not isinstance(obj.get(key), str):
             return None, f'needs the string field "{key}"'
+        if (problem := inner_eot(**{f'"{key}" dialogue': obj[key]})):
+            return None, problem
         split = split_dialogue(obj[key])
         if split is None:
             return None, f'"{key}" has no {ASSISTANT!r} turn after a {HUMAN!r} turn'
@@ -614,6 +640,16 @@ def _is_lfs_pointer(path):
             return f.read(len(LFS_POINTER)) == LFS_POINTER
     except OSError:
         return False
+
+
+def not_text(path):
+    """Why a file that should hold UTF-8 JSON lines does not, in words."""
+    if str(path).endswith(".gz"):
+        return "its gunzipped content is not UTF-8 text (a corrupt file?)"
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            return "gzipped, but its name does not end with .gz: name it .jsonl.gz"
+    return "not UTF-8 text"
 
 
 def read_hh_file(path, skip_bad_lines=False):
@@ -653,8 +689,7 @@ def read_hh_file(path, skip_bad_lines=False):
                else "not a valid gzip file (a corrupt or truncated download?)")
         raise DataError(f"{path}: {why}; {HH_SOURCE}") from None
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text (gzipped? then name it .jsonl.gz); "
-                        f"{HH_SOURCE}") from None
+        raise DataError(f"{path}: {not_text(path)}; {HH_SOURCE}") from None
     if counts["read"] + counts["bad_line"] == 0:
         raise DataError(f"{path}: holds no lines (an empty file?); {HH_SOURCE}")
     counts["kept"] = len(pairs)
@@ -779,9 +814,12 @@ def read_hh_task(data_dir, subset, skip_bad_lines, seed, n_pretrain, n_demo, n_r
     if short:
         notes.append(f"the data ran short, these splits are smaller than asked: {', '.join(short)}")
     empty = [k for k in asked if sizes[k] == 0]
-    if empty:
+    if empty:  # the splits are taken in order: train gold, demo, rm; test heldout, eval
+        first = {"gold": [], "demo": ["n_gold"], "rm": ["n_gold", "n_demo"], "heldout": [], "eval": ["n_heldout"]}
+        lower = sorted({option for k in empty for option in first[k]})
         raise DataError(f"--data_dir={data_dir}: not enough distinct prompts for the {', '.join(empty)} "
-                        f"split(s) ({sizes}); lower --n_gold/--n_demo/--n_rm or give more data")
+                        f"split(s) ({sizes}); " + (f"lower --{'/--'.join(lower)} or " if lower else "")
+                        + "give more data")
     return task, notes
 
 
@@ -810,7 +848,12 @@ def fit_to_context(task, block_size, max_new_tokens):
 
     def prompt_fit(prompt):
         if prompt not in memo:
-            memo[prompt] = truncate_prompt(prompt, encode, block_size - max_new_tokens)
+            try:
+                memo[prompt] = truncate_prompt(prompt, encode, block_size - max_new_tokens)
+            except ValueError:  # not even an empty turn fits
+                raise DataError(f"--block_size={block_size} less --max_new_tokens={max_new_tokens} leaves "
+                                f"{block_size - max_new_tokens} tokens for a prompt, too few for even one short "
+                                f"turn; raise --block_size or lower --max_new_tokens") from None
             counts["prompts_truncated"] += memo[prompt][1]
         return memo[prompt][0]
 

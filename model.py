@@ -39,6 +39,8 @@ Pre-trained GPT-2 (Hugging Face layout, model.safetensors):
 Module names follow nanoGPT / GPT-2 so that GPT-2 weights can be loaded.
 """
 import copy
+import errno
+import hashlib
 import itertools
 import json
 import math
@@ -47,7 +49,9 @@ import re
 import shutil
 import sys
 import urllib.request
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -182,8 +186,12 @@ class GPT(nn.Module):
         path = gpt2_safetensors(name_or_path, cache_dir)
         sd = gpt2_state_dict(read_safetensors(path))
         config_json = os.path.join(os.path.dirname(path), "config.json")
-        hf_config = read_json(config_json) if os.path.isfile(config_json) else None
-        model = cls(gpt2_config(sd, hf_config, dropout))
+        hf_config = read_hf_config(config_json) if os.path.isfile(config_json) else None
+        try:
+            config = gpt2_config(sd, hf_config, dropout)
+        except ValueError as e:
+            raise ValueError(f"{path}{' with ' + config_json if hf_config else ''}: {e}") from None
+        model = cls(config)
         load_strict(model, sd, path)
         return model
 
@@ -481,16 +489,52 @@ def frozen_copy(model):
     return model.eval()
 
 
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a folder without permission): the message
+    names the file and the reason."""
+
+
 def atomic_write(path, write):
     """Every file the project writes goes through here: write(tmp_path) fills a temporary file
-    beside path, which then replaces path in one rename, so path is always whole or absent."""
-    tmp = path + ".tmp"
+    beside path, which then replaces path in one rename, so path is always whole or absent. The
+    temporary name is this call's own (two processes writing one path never share it) and is
+    removed whatever happens; a failed write raises WriteError naming path."""
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if isinstance(e, WriteError) or not is_write_failure(e):
+            raise  # not the disk's fault (a network error while downloading, a bug): as it is
+        raise WriteError(f"cannot write {path}: {why_not_written(e, path)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                errno.ENOENT}
+
+
+def is_write_failure(error):
+    """Is this error a file that could not be written: an OSError of WRITE_ERRNOS, or torch.save's
+    C++ writer failing (a RuntimeError saying so)?"""
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    return any(s in str(error) for s in ("file write failed", "PytorchStreamWriter", "unexpected pos"))
+
+
+def why_not_written(error, path):
+    """The reason a write failed, in words: the OS's, else (torch.save's writer says only "unexpected
+    pos") a full disk found by looking, else what can stop a write part-way."""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    try:
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return "it could not be written in full (no space left on the device, or a quota or file-size limit)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,6 +544,12 @@ GPT2_URL_BASE = "https://huggingface.co"  # files are fetched from {GPT2_URL_BAS
 GPT2_CACHE_DIR = os.path.join("~", ".cache", "gpt2-safetensors")  # default download folder
 GPT2_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head: gpt2, -medium, -large, -xl
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# (bytes, sha256) of files as published, checked on download and on every reuse; the other models'
+# files are checked against the length the server announces, and what was downloaded is recorded
+GPT2_PUBLISHED = {
+    "gpt2/model.safetensors": (548105171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+    "gpt2/config.json": (665, "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4"),
+}
 GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF activation -> ours
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -532,21 +582,40 @@ def read_safetensors(path):
         raise bad("the header is not a JSON object")
     header.pop("__metadata__", None)
     body = memoryview(data)[8 + n:]
+    check_layout(header, len(body), bad)
     tensors = {}
     for name, info in header.items():
-        entry = safetensors_entry(info)
-        if entry is None:
-            raise bad(f"tensor {name!r} has a bad or unsupported entry {info}")
-        dtype, shape, begin, end = entry
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not (begin <= end <= len(body) and end - begin == nbytes):
-            raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not fit {nbytes} bytes of "
-                      f"{info['dtype']} {shape} in {len(body)} data bytes (truncated?)")
+        dtype, shape, begin, end = safetensors_entry(info)
+        nbytes = end - begin
         flat = torch.frombuffer(body[begin:end], dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
         if flat.data_ptr() % dtype.itemsize:
             flat = flat.clone()  # misaligned data: copy into an aligned buffer
         tensors[name] = flat.view(shape)
     return tensors
+
+
+def check_layout(header, n_bytes, bad):
+    """The format's rule: the tensors' byte ranges, in order, tile the n_bytes of data exactly,
+    with no overlap, no gap and nothing after the last (a file that breaks it was not written by a
+    safetensors writer, or was edited). bad(why) -> the exception to raise."""
+    spans = []
+    for name, info in header.items():
+        entry = safetensors_entry(info)
+        if entry is None:
+            raise bad(f"tensor {name!r} has a bad or unsupported entry {info}")
+        dtype, shape, begin, end = entry
+        if not (begin <= end <= n_bytes and end - begin == math.prod(shape) * dtype.itemsize):
+            raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not fit {math.prod(shape) * dtype.itemsize} "
+                      f"bytes of {info['dtype']} {shape} in {n_bytes} data bytes (truncated?)")
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise bad(f"tensor {name!r} starts at data byte {begin}, not {at}: tensors "
+                      f"{'overlap' if begin < at else 'leave a gap'}")
+        at = end
+    if at != n_bytes:
+        raise bad(f"{n_bytes - at} data bytes after the last tensor")
 
 
 def safetensors_entry(info):
@@ -559,9 +628,28 @@ def safetensors_entry(info):
     return (dtype, shape, begin, end) if ok else None
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+# config.json fields we read, and the values each may hold
+HF_CONFIG_FIELDS = {"n_head": (lambda v: type(v) is int and v > 0, "a positive integer"),
+                    "n_positions": (lambda v: type(v) is int and v > 0, "a positive integer"),
+                    "n_ctx": (lambda v: type(v) is int and v > 0, "a positive integer"),
+                    "layer_norm_epsilon": (lambda v: type(v) in (int, float) and v > 0, "a positive number"),
+                    "activation_function": (lambda v: isinstance(v, str), "a string")}
+
+
+def read_hf_config(path):
+    """The Hugging Face config.json at path as a dict, its fields checked (HF_CONFIG_FIELDS);
+    a ValueError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf_config = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise ValueError(f"{path} is not a readable JSON file ({e}); fix it, or delete it") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path} holds a JSON {type(hf_config).__name__}, not an object; fix it, or delete it")
+    for key, (ok, what) in HF_CONFIG_FIELDS.items():
+        if key in hf_config and not ok(hf_config[key]):
+            raise ValueError(f"{path}: {key} = {hf_config[key]!r} must be {what}; fix it, or delete it")
+    return hf_config
 
 
 def gpt2_state_dict(tensors):
@@ -600,6 +688,8 @@ def gpt2_config(sd, hf_config=None, dropout=0.0):
     if n_head is None:
         raise ValueError(f"GPT-2 weights with n_embd={n_embd} are not one of gpt2..gpt2-xl, so n_head is "
                          f"unknown: put the model's config.json (with n_head) beside model.safetensors")
+    if n_embd % n_head:
+        raise ValueError(f"n_head {n_head} does not divide n_embd {n_embd}")
     n_pos = hf_config.get("n_positions", hf_config.get("n_ctx", block_size))
     eps = hf_config.get("layer_norm_epsilon", 1e-5)
     act = hf_config.get("activation_function", "gelu_new")
@@ -620,13 +710,20 @@ def load_strict(model, sd, path):
     if missing or unexpected or wrong:
         raise ValueError(f"{path}: the weights do not fit our GPT: missing {missing}, "
                          f"unexpected {unexpected}, wrong shapes {wrong}")
+    integer = [f"{k} ({sd[k].dtype})" for k in sorted(sd) if not sd[k].is_floating_point()]
+    if integer:
+        raise ValueError(f"{path}: weights must be floating point, but {', '.join(integer[:3])} are not")
+    broken = [k for k in sorted(sd) if not torch.isfinite(sd[k]).all()]
+    if broken:
+        raise ValueError(f"{path}: {', '.join(broken[:3])} hold NaN or infinite values; the file is damaged")
     model.load_state_dict(sd)  # copies, casting F16/BF16 to the model's dtype
 
 
 def gpt2_safetensors(name_or_path, cache_dir=None):
     """A local model.safetensors path: an existing file is returned as is (a folder: its
     model.safetensors); gpt2 / gpt2-medium / gpt2-large / gpt2-xl are downloaded with their
-    config.json into cache_dir/NAME/ once, and reused after."""
+    config.json into cache_dir/NAME/ once, and reused after as long as they are unchanged
+    (cached_file_ok); a damaged or incomplete cached file is downloaded again."""
     if os.path.isfile(name_or_path):
         return name_or_path
     if os.path.isfile(os.path.join(name_or_path, "model.safetensors")):
@@ -636,21 +733,60 @@ def gpt2_safetensors(name_or_path, cache_dir=None):
     folder = os.path.join(os.path.expanduser(cache_dir or GPT2_CACHE_DIR), name_or_path)
     os.makedirs(folder, exist_ok=True)
     for fname in ("config.json", "model.safetensors"):
-        dst = os.path.join(folder, fname)
-        if not os.path.isfile(dst):
-            download(f"{GPT2_URL_BASE}/{name_or_path}/resolve/main/{fname}", dst, name_or_path)
+        dst, published = os.path.join(folder, fname), GPT2_PUBLISHED.get(f"{name_or_path}/{fname}")
+        if not cached_file_ok(dst, published):
+            if os.path.exists(dst):
+                print(f"{dst} is damaged or incomplete: downloading it again")
+            download(f"{GPT2_URL_BASE}/{name_or_path}/resolve/main/{fname}", dst, name_or_path, published)
     return os.path.join(folder, "model.safetensors")
 
 
-def download(url, dst, name):
-    """Fetch url into dst atomically (atomic_write): dst is whole or absent."""
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_file_ok(path, published=None):
+    """Is the downloaded file at path whole and unchanged: its length and sha256 those published
+    (bytes, sha256), or else those recorded at download in path.sha256?"""
+    try:
+        if published is None:
+            sha256, size = Path(path + ".sha256").read_text().split()
+            published = (int(size), sha256)
+        return os.path.getsize(path) == published[0] and file_sha256(path) == published[1]
+    except (OSError, ValueError):
+        return False  # no file, or no record of it
+
+
+def download(url, dst, name, published=None):
+    """Fetch url into dst atomically (atomic_write, through a temporary file of this call's own,
+    so that processes downloading at once do not mix), checked before it is kept: its length
+    against the server's Content-Length, and against published = (bytes, sha256) where known.
+    Its length and sha256 then go to dst.sha256, which every reuse checks (cached_file_ok)."""
     print(f"downloading {url} -> {dst}")
+    got = {}
 
     def fetch(tmp):
+        digest, size = hashlib.sha256(), 0
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f, length=1 << 20)
+            announced = r.headers.get("Content-Length")
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+        if announced is not None and size != int(announced):
+            raise ValueError(f"the download of {url} stopped at {size} of {announced} bytes; run again")
+        if published is not None and (size, digest.hexdigest()) != published:
+            raise ValueError(f"the download of {url} is not the published file ({size} bytes, sha256 "
+                             f"{digest.hexdigest()[:16]}... instead of {published[0]} bytes, {published[1][:16]}...); "
+                             f"run again, or download it yourself and pass --init_from=PATH/model.safetensors")
+        got.update(size=size, sha256=digest.hexdigest())
     try:
         atomic_write(dst, fetch)
-    except OSError as e:  # URLError, HTTPError, timeouts, disk errors
+        atomic_write(dst + ".sha256", lambda tmp: Path(tmp).write_text(f"{got['sha256']} {got['size']}\n"))
+    except OSError as e:  # URLError, HTTPError, timeouts, a connection reset, a full disk
         raise RuntimeError(f"cannot download {name} ({url}: {e}); download model.safetensors yourself "
                            f"and pass --init_from=PATH/model.safetensors") from None

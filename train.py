@@ -45,7 +45,7 @@ from tqdm import tqdm
 import afd
 import data
 from report import curve_summary, markdown_tables, write_report, write_text
-from model import (GPT, GPTConfig, atomic_write, configure_optimizer, frozen_copy, generate, memory_bytes,
+from model import (GPT, GPTConfig, WriteError, atomic_write, configure_optimizer, frozen_copy, generate, memory_bytes,
                    num_params, score_pairs, trainable_copy)
 from reward import (AVA, POINTWISE, RM_NAMES, AVARewardModel, LogRatioReward, RewardModel, ava_d_loss,
                     ava_p_loss, heldout_accuracies, pairwise_accuracy, pairwise_loss)
@@ -163,9 +163,10 @@ STAGE_HELP = {"run": "the run (no effect on results)", "task": "1. the task", "p
 METHODS = ["bon", "afd_adversarial", "irl_iterated", "irft", "rl_init_sft", "rl_ava_d"]
 
 
-def die(msg):
+def die(msg, status=2):
+    """Stop with one line: status 2 for a bad input (as argparse), 1 for a failure of the machine."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,10 +255,18 @@ def validate(cfg):
             die(f"--{f.name}={value} must be {FLOAT_RANGES[f.name][1]}")
         if f.name in CHOICES and value not in CHOICES[f.name]:
             die(f"--{f.name}={value!r}: choose one of {', '.join(CHOICES[f.name])}")
+    if abs(cfg.seed) >= 2**62:
+        die(f"--seed={cfg.seed} is too large: pick one below 2**62")
+    if cfg.batch_size < 2:
+        die(f"--batch_size={cfg.batch_size} must be at least 2 (a reward model's batch is half positives, "
+            f"half negatives)")
     if cfg.top_k < 0:
         die(f"--top_k={cfg.top_k} must be at least 0 (0 = no top-k filter)")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    if cfg.max_new_tokens >= cfg.block_size:
+        die(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in --block_size={cfg.block_size}; "
+            f"lower max_new_tokens or raise block_size")
     if cfg.pg_group < 2:
         die(f"--pg_group={cfg.pg_group} must be at least 2 (RLOO needs a group)")
     unknown = [m for m in methods_of(cfg) if m not in METHODS]
@@ -311,8 +320,8 @@ def setup_distributed(cfg):
     if cuda:
         cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(cfg.device)
-    if cfg.batch_size % WORLD:
-        die(f"--batch_size={cfg.batch_size} must be a multiple of the {WORLD} processes")
+    if cfg.batch_size % WORLD or cfg.batch_size < 2 * WORLD:
+        die(f"--batch_size={cfg.batch_size} must be a multiple of the {WORLD} processes, at least 2 each")
 
 
 def is_main():
@@ -407,7 +416,8 @@ CODE_FILES = ("model", "data", "reward", "afd", "train")   # the project's modul
 STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain"], "sft": ["train.stage_sft"],
               "sample": ["train.stage_sample"], "rm": ["train.stage_gold", "train.stage_reward_models"],
               "policy": ["train.stage_policies"], "evaluate": ["train.stage_evaluate"]}
-OUTPUT_ONLY = {"train.log", "train.die", "train.progress", "train.timed"}  # they print or time; no result depends on them
+# they print or time; no result depends on them
+OUTPUT_ONLY = {"train.log", "train.die", "train.progress", "train.not_finite", "train.timed"}
 # Within a stage, each reward model and each method is stamped with its own code only (the
 # others' entry points are left out), so that an edited IRFT loss retrains IRFT, not the rest.
 UNIT_CODE = {"rm": {"init_sft": "afd.discriminator_loss", "init_demo": "afd.discriminator_loss",
@@ -488,10 +498,13 @@ def save_atomic(obj, path):
 def load_checkpoint(path):
     """A checkpoint's dict, unpickled safely (tensors and plain data only, never code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything else with an UnpicklingError
         die(f"{path} is not a safe checkpoint of this project ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120]}); delete it, or use another --out_dir")
+    if not isinstance(state, dict):
+        die(f"{path} holds a {type(state).__name__}, not a checkpoint of this project; delete it, or use another --out_dir")
+    return state
 
 
 def stage_config(cfg, stage, unit=None):
@@ -545,6 +558,9 @@ def load_weights(model, state, path, vocab):
         die(f"{path} was made for another model config or vocabulary "
             f"({state.get('model_config')} vs {asdict(model.config)}); "
             f"delete it, or use another --out_dir")
+    broken = [k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        die(f"{path} holds NaN or infinite weights ({broken[0]}); delete it and run again")
     model.load_state_dict(state["model"])
 
 
@@ -633,11 +649,12 @@ def fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg, 
             out = loss_of_batch(train_model, batch_at(step))
         loss, stats = out if isinstance(out, tuple) else (out, {})
         if not all_finite(loss):
-            kept = f"; the last good checkpoint is {path}" if os.path.exists(path) else ""
-            die(f"{name}: the loss became {loss.item()} at step {step}; lower its learning rate{kept}")
+            die(not_finite(name, "loss", loss, step, start, model, path))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not all_finite(grad_norm):  # stop before the step would write NaN into the weights
+            die(not_finite(name, "gradient norm", grad_norm, step, start, model, path))
         opt.step()
         curve.append({"step": step, "loss": loss.item(), **stats})
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -649,17 +666,51 @@ def fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg, 
     return curve
 
 
+LR_OPTION = {"pi_init": "--pretrain_lr", "pi_sft": "--sft_lr", "rm": "--rm_lr", "policy": "--pg_lr"}
+
+
+def not_finite(name, what, value, step, start, model, path):
+    """The one line that says why training `name` stopped on a NaN or infinite value, and what to
+    change: the weights it started from, or its learning rate (a loss that diverged)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    kept = f"; the last good checkpoint is {path}" if os.path.exists(path) else ""
+    if bad:  # only the weights it was loaded with can be (the step stops before an update makes them)
+        return (f"{name}: the weights it starts from hold NaN or infinite values ({bad[0]}); "
+                f"they come from --init_from or a checkpoint in --out_dir: use other weights{kept}")
+    if step == start == 0:
+        return (f"{name}: the {what} is {value.item()} on the first batch, before any update: the data "
+                f"or the starting weights give it, not the learning rate")
+    option = LR_OPTION.get(name.split("_")[0], LR_OPTION.get(name))
+    return (f"{name}: the {what} became {value.item()} at step {step}; training diverged: lower "
+            f"{option or 'the learning rate'} (or --grad_clip){kept}")
+
+
 def train_and_save(model, name, loss_of_batch, batch_at, steps, lr, cfg, vocab, stage_cfg, aux=None):
-    """fit, then save <name>.pt (with its stage config) and <name>.curve.jsonl, and drop the
-    resume checkpoint. Returns the curve."""
+    """fit, then save <name>.curve.jsonl and <name>.pt (with its stage config), in that order:
+    <name>.pt is the result, and whatever sits beside an up-to-date one is whole (tidy_result).
+    Returns the curve."""
     curve = fit(model, loss_of_batch, batch_at, steps, lr, cfg, vocab, name, stage_cfg, aux)
+    write_curve(curve, cfg, name)
     save_model(os.path.join(cfg.out_dir, f"{name}.pt"), model, vocab, stage_cfg, curve=curve)
-    if is_main():
-        write_text("".join(json.dumps(r) + "\n" for r in curve), os.path.join(cfg.out_dir, f"{name}.curve.jsonl"))
-        resume = os.path.join(cfg.out_dir, f"{name}.resume.pt")
-        if os.path.exists(resume):
-            os.remove(resume)
+    tidy_result(curve, cfg, name)
     return curve
+
+
+def write_curve(curve, cfg, name):
+    """<name>.curve.jsonl, one JSON record a step, unless it already holds exactly that."""
+    path, text = os.path.join(cfg.out_dir, f"{name}.curve.jsonl"), "".join(json.dumps(r) + "\n" for r in curve)
+    if is_main() and not (os.path.isfile(path) and Path(path).read_text() == text):
+        write_text(text, path)
+
+
+def tidy_result(curve, cfg, name):
+    """What sits beside an up-to-date <name>.pt, made whole whether or not an earlier run was
+    stopped half-way: its curve file rewritten if missing or not its own, the resume checkpoint
+    it no longer needs removed."""
+    write_curve(curve, cfg, name)
+    resume = os.path.join(cfg.out_dir, f"{name}.resume.pt")
+    if is_main() and os.path.exists(resume):
+        os.remove(resume)
 
 
 class Run:
@@ -677,6 +728,7 @@ class Run:
         path = os.path.join(self.cfg.out_dir, f"{name}.pt")
         if (state := restore(model, path, stage_cfg, self.vocab, name)) is not None:
             curve, did = state["curve"], f"loaded {path} (up to date)"
+            tidy_result(curve, self.cfg, name)
         else:
             curve = train_and_save(model, name, loss_of_batch, batch_at, steps, lr, self.cfg, self.vocab, stage_cfg, aux)
             did = f"trained {len(curve)} steps"
@@ -824,18 +876,32 @@ def stage_task(cfg):
 
 
 def check_memory(cfg, vocab):
-    """Stop with a clear message if the run cannot fit the device's free memory (model.memory_bytes)."""
-    rows = min(cfg.sample_rows, max(cfg.n_eval, cfg.n_rm, cfg.n_heldout) * max(cfg.bon_n, cfg.n_rm_samples, 2))
-    need = 1.2 * max(memory_bytes(model_config(cfg, vocab), cfg.batch_size // WORLD, rows)) + 2**28  # margin
+    """Stop with one line, before any work, if the run cannot fit in free memory: on the device,
+    model.memory_bytes of the largest training batch (--batch_size, or --pg_prompts x --pg_group)
+    and of the largest sampling call; on the host, the samples and Best-of-N candidates kept as
+    token lists (--n_eval x --bon_n, --n_rm x --n_rm_samples). Every allocation that grows with an
+    option is in one of these."""
+    per_rank = lambda n: max(1, n // WORLD)
+    train_rows = max(cfg.batch_size // WORLD, per_rank(cfg.pg_prompts) * cfg.pg_group)
+    calls = [(cfg.n_rm, cfg.n_rm_samples), (cfg.n_heldout, 2), (cfg.n_eval, cfg.bon_n), (cfg.n_eval, 1),
+             (cfg.n_round_samples, 1), (per_rank(cfg.pg_prompts), cfg.pg_group)]  # (prompts, samples of each)
+    sample_rows = max(min(prompts, max(1, cfg.sample_rows // n)) * n for prompts, n in calls)  # sample()'s calls
+    model_need = 1.2 * max(memory_bytes(model_config(cfg, vocab), train_rows, sample_rows)) + 2**28  # margin
+    kept = 2 * (cfg.n_eval * cfg.bon_n + 2 * cfg.n_rm * cfg.n_rm_samples)  # token lists, gathered: 2 copies
+    host_need = kept * (40 * cfg.max_new_tokens + 1000)  # ~40 bytes a token in a list, ~1 kB a text beside
+    model_fix = "lower --batch_size, --pg_prompts x --pg_group or --sample_rows"
+    host_fix = "lower --bon_n or --n_eval (Best-of-N candidates), or --n_rm_samples"
     if cfg.device.startswith("cuda"):
-        free = torch.cuda.mem_get_info(torch.device(cfg.device))[0]
-    else:
-        need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes share the host
-        free = available_host_memory()
-    if free is not None and need > free:
-        die(f"preset {cfg.preset!r} with this config needs about {need / 2**30:.1f} GiB on "
-            f"{cfg.device} but {free / 2**30:.1f} GiB is free; lower --batch_size or "
-            f"--sample_rows, or use a smaller preset (--preset=cpu or smoke)")
+        needs = [(model_need, torch.cuda.mem_get_info(torch.device(cfg.device))[0], cfg.device, model_fix),
+                 (host_need, available_host_memory(), "the host", host_fix)]
+    else:  # the processes share the host
+        needs = [((model_need + host_need) * int(os.environ.get("LOCAL_WORLD_SIZE", 1)), available_host_memory(),
+                  cfg.device, host_fix if host_need > model_need else model_fix)]
+    for need, free, where, fix in needs:
+        if free is not None and need > free:
+            die(f"preset {cfg.preset!r} with this config needs about {need / 2**30:.1f} GiB on {where} but "
+                f"{free / 2**30:.1f} GiB is free; {fix}" + ("" if cfg.preset == "smoke" else
+                                                    ", or use a smaller preset (--preset=cpu or smoke)"))
 
 
 def available_host_memory():
@@ -849,10 +915,14 @@ def available_host_memory():
 
 def load_gpt2(name_or_path, cfg):
     """A GPT with pre-trained GPT-2 weights (model.GPT.from_gpt2), or a clear error."""
+    if WORLD > 1 and not is_main():
+        dist.barrier()  # rank 0 downloads first; the others then find the files in the cache
     try:
         model = GPT.from_gpt2(name_or_path).to(cfg.device)
     except (OSError, ValueError, RuntimeError) as e:
         die(f"--init_from={name_or_path}: {e}")
+    if WORLD > 1 and is_main():
+        dist.barrier()
     if model.config.block_size < cfg.block_size:
         die(f"--block_size={cfg.block_size} is longer than {name_or_path}'s context "
             f"({model.config.block_size}); lower --block_size")
@@ -1088,7 +1158,8 @@ def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, tra
                "golden_reward": float(golden_of["sft"][i]),
                **reward_models["ava_d"].token_table(prompts[i], responses["sft"][i], vocab.eot_id, vocab.decode)}
               for i in dict.fromkeys([int(golden_of["sft"].argmax()), int(golden_of["sft"].argmin())])]
-    examples = {name: [(task.eval_prompts[i], vocab.decode(responses[name][i])) for i in range(3)]
+    shown = range(min(3, P))  # the report's example prompts
+    examples = {name: [(task.eval_prompts[i], vocab.decode(responses[name][i])) for i in shown]
                 for name in responses}
     bon_rows = []
     if "bon" in methods_of(cfg):  # Best-of-N: N candidates of pi_sft per prompt, every RM, every n <= N
@@ -1106,7 +1177,7 @@ def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, tra
             if name == "init_sft":
                 best = afd.best_of_n(scores)  # (P,) shown in the report
                 examples[f"best-of-{N} init_sft"] = [(task.eval_prompts[i],
-                                                      vocab.decode(candidates[i * N + int(best[i])])) for i in range(3)]
+                                                      vocab.decode(candidates[i * N + int(best[i])])) for i in shown]
         # the ceiling: the golden reward itself as the scorer; the label-free baseline: majority voting
         bon_rows += best_of_n_rows("oracle", lambda values, n: afd.best_of_n_estimate(golden_cand, values, n),
                                    golden_cand, wins, parts, task, cfg)
@@ -1145,6 +1216,8 @@ def saved_results(cfg):
         with open(path) as f:
             results = json.load(f)
     except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict):
         return None
     if results.get("stage_config") != (current := stage_config(cfg, "evaluate")):
         log(f"[evaluate] {changes(results.get('stage_config', {}), current)} since {path}: redoing it")
@@ -1190,5 +1263,19 @@ def main(argv):
     return results
 
 
+def cli(argv, entry=None):
+    """entry (main) for the command line: an interruption or a file that cannot be written ends
+    the run with one line saying what to do, not a traceback; what was finished stays in --out_dir."""
+    try:
+        (entry or main)(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages and the last checkpoint are kept in --out_dir; run the same "
+              "command again to go on from there", file=sys.stderr)
+        sys.exit(130)  # the shell's status for a run stopped by Ctrl-C (128 + SIGINT)
+    except WriteError as e:
+        die(f"{e}; free some space (or pick a writable --out_dir) and run the same command again: finished "
+            f"stages are kept", status=1)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(sys.argv[1:])

@@ -1,4 +1,5 @@
 """The tokenizer, the built-in task's golden reward, and batching."""
+import json
 import socket
 
 import pytest
@@ -17,6 +18,38 @@ def test_tokenizer_works_with_networking_disabled(monkeypatch):
     assert enc.encode("Hello world") == [15496, 995]  # GPT-2's ids
     assert enc.encode(EOT, allowed_special={EOT}) == [50256]
     assert enc.n_vocab == 50257
+
+
+def test_tampered_tiktoken_cache_is_never_used(tmp_path, monkeypatch):
+    """tiktoken's own loader reads a ranks file through a cache folder nobody checks; an edited
+    cache entry must not change our token ids (we parse the bytes we checked)."""
+    import base64
+    import hashlib
+    import tiktoken.load
+    ranks = data.parse_ranks(data.RANKS_FILE.read_bytes())
+    ranks[b"Hello"], ranks[b" world"] = ranks[b" world"], ranks[b"Hello"]  # two tokens swapped
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    key = hashlib.sha1(str(data.RANKS_FILE).encode()).hexdigest()  # tiktoken's cache key: the path
+    (cache / key).write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in ranks.items()))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    assert tiktoken.load.load_tiktoken_bpe(str(data.RANKS_FILE))[b"Hello"] == 995  # the trap is armed
+    monkeypatch.setattr(data, "_ENCODING", None)  # force a fresh build
+    assert data.gpt2_encoding().encode("Hello world") == [15496, 995]
+
+
+def test_literal_end_of_text_in_demonstrations_is_an_error_naming_the_line(tmp_path):
+    """<|endoftext|> inside a text would become GPT-2's end-of-text token and cut the text there:
+    refused, with the file and line; a response may end with it."""
+    path = tmp_path / "demos.jsonl"
+    ok = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "response": " Hello." + EOT}
+    for bad, field in [({**ok, "prompt": f"\n\nHuman: say {EOT} now\n\nAssistant:"}, "prompt"),
+                       ({**ok, "response": f" one {EOT} two"}, "response")]:
+        path.write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(data.DataError, match=rf"{path} line 2: the {field} holds the text '<\|endoftext\|>'"):
+            data.read_demos(path)
+    path.write_text(json.dumps(ok) + "\n")
+    assert data.read_demos(path) == ([(ok["prompt"], ok["response"])], [1])
 
 
 def test_vocab_compaction_round_trip_and_unknown_tokens():
@@ -106,3 +139,13 @@ def test_golden_parts_sum_to_the_golden_reward_and_name_the_kind():
                      "length": pytest.approx(-0.1 * (30 - 20))}
     assert sum(parts.values()) == pytest.approx(golden_reward(p, " Sure! Take a knife and" + " go" * 25 + "." + EOT))
     assert prompt_kind(p) == "harmful" and prompt_kind(prompt("What is 3 plus 4?")) == "arithmetic"
+
+
+def test_demonstrations_may_be_gzipped_and_a_misnamed_gzip_says_so(tmp_path):
+    import gzip
+    line = json.dumps({"prompt": "\n\nHuman: Hi\n\nAssistant:", "response": " Hello."}) + "\n"
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(line.encode()))
+    assert data.read_demos(tmp_path / "d.jsonl.gz")[0] == [("\n\nHuman: Hi\n\nAssistant:", " Hello." + EOT)]
+    (tmp_path / "d.jsonl").write_bytes(gzip.compress(line.encode()))
+    with pytest.raises(data.DataError, match="gzipped, but its name does not end with .gz: name it .jsonl.gz"):
+        data.read_demos(tmp_path / "d.jsonl")

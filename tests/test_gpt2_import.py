@@ -1,10 +1,16 @@
 """Pre-trained GPT-2 import: our safetensors reader, the Hugging Face GPT-2 layout mapping, parity with
 transformers' GPT2LMHeadModel (skipped without transformers), and the cached download."""
+import hashlib
+import io
 import json
 import pathlib
 import random
-import shutil
+import re
 import struct
+import threading
+import time
+import types
+import urllib.error
 
 import pytest
 import torch
@@ -91,6 +97,57 @@ def test_read_safetensors_rejects_bad_files(tmp_path, kind):
     assert str(bad) in msg and "not a valid safetensors file" in msg and "\n" not in msg
     if kind == "truncated":
         assert "truncated" in msg
+
+
+def forged_safetensors(path, offsets, body):
+    """A file whose header says what offsets says, whatever its body holds."""
+    header = {name: {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+              for name, (begin, end) in offsets.items()}
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + body)
+
+
+@pytest.mark.parametrize("offsets, n_body, what", [
+    ({"a": (0, 16), "b": (8, 24)}, 24, "overlap"),                   # two tensors read the same bytes
+    ({"a": (0, 8), "b": (16, 24)}, 24, "leave a gap"),               # bytes no tensor owns
+    ({"a": (0, 8)}, 16, "8 data bytes after the last tensor"),       # bytes after the last one
+    ({"b": (8, 16), "a": (0, 8), "c": (0, 0)}, 16, None),            # out of order, and empty: fine
+])
+def test_read_safetensors_byte_ranges_tile_the_data(tmp_path, offsets, n_body, what):
+    path = tmp_path / "forged.safetensors"
+    forged_safetensors(path, offsets, bytes(range(n_body)))
+    if what is None:
+        assert sorted(read_safetensors(path)) == ["a", "b", "c"]
+        return
+    with pytest.raises(ValueError, match=what) as e:
+        read_safetensors(path)
+    assert str(path) in str(e.value) and "not a valid safetensors file" in str(e.value)
+
+
+def test_from_gpt2_refuses_integer_or_non_finite_weights_and_bad_config(tmp_path):
+    ref = sharp_gpt(0)
+    path = tmp_path / "model.safetensors"
+    (tmp_path / "config.json").write_text(json.dumps({"n_head": 2}))
+    sd = hf_layout(ref)
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"].long()
+    write_safetensors(path, sd)
+    with pytest.raises(ValueError, match=r"weights must be floating point, but transformer\.wpe\.weight"):
+        GPT.from_gpt2(str(path))
+    sd = hf_layout(ref)
+    sd["transformer.h.1.mlp.c_fc.bias"][3] = float("nan")
+    write_safetensors(path, sd)
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.c_fc\.bias hold NaN or infinite values"):
+        GPT.from_gpt2(str(path))
+    write_safetensors(path, hf_layout(ref))
+    for text, message in [("{not json", "is not a readable JSON file"), ("[2]", "holds a JSON list, not an object"),
+                          ('{"n_head": "2"}', "n_head = '2' must be a positive integer"),
+                          ('{"n_head": 0}', "n_head = 0 must be a positive integer"),
+                          ('{"n_head": 3}', "n_head 3 does not divide n_embd 16"),
+                          ('{"n_head": 2, "layer_norm_epsilon": null}', "layer_norm_epsilon = None must be")]:
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            GPT.from_gpt2(str(path))
+        assert "config.json" in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -216,48 +273,133 @@ def test_gpt2_greedy_generation_matches_transformers(hf_tiny):
 
 # ---------------------------------------------------------------------------------------------- download
 
-def test_gpt2_safetensors_download_is_atomic_and_cached(tmp_path, monkeypatch):
-    hub = tmp_path / "hub"
-    (hub / "gpt2" / "resolve" / "main").mkdir(parents=True)
-    src = hub / "gpt2" / "resolve" / "main"
-    write_safetensors(src / "model.safetensors", {"w": torch.arange(6, dtype=torch.float32)})
-    (src / "config.json").write_text(json.dumps({"n_head": 12}))
-    monkeypatch.setattr(model_module, "GPT2_URL_BASE", hub.as_uri())
+class FakeResponse(io.BytesIO):
+    """What urlopen returns, for a test: the body, a Content-Length header (announced may differ from
+    the body: a connection that drops), and an optional pause in each read (a slow network)."""
+    def __init__(self, body, announced=None, pause=0.0, on_read=None):
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body) if announced is None else announced)}
+        self.pause, self.on_read = pause, on_read
+
+    def read(self, n=-1):
+        if self.on_read:
+            self.on_read()
+        time.sleep(self.pause)
+        return super().read(min(n, 7) if n > 0 else n)  # a few bytes at a time
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fake Hugging Face hub: files[name/file] = bytes, served by a patched urlopen; the published
+    (bytes, sha256) of gpt2's files are this hub's, so that the checks run on them."""
+    files, served = {}, []
+    w = torch.arange(6, dtype=torch.float32)
+    write_safetensors(tmp_path / "w.safetensors", {"w": w})
+    files["gpt2/model.safetensors"] = (tmp_path / "w.safetensors").read_bytes()
+    files["gpt2/config.json"] = json.dumps({"n_head": 12}).encode()
+    hub = types.SimpleNamespace(files=files, served=served, announced={}, pause=0.0, on_read=None)
+
+    def urlopen(url, timeout=None):
+        key = url.split("://hub/")[1].replace("/resolve/main/", "/")
+        if key not in files:
+            raise urllib.error.URLError("404 not found")
+        served.append(key)
+        return FakeResponse(files[key], hub.announced.get(key), hub.pause, hub.on_read)
+    monkeypatch.setattr(model_module, "GPT2_URL_BASE", "https://hub")
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(model_module, "GPT2_PUBLISHED", {
+        k: (len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()})
+    return hub
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_gpt2_download_is_atomic_checked_and_cached(tmp_path, hub):
     cache = tmp_path / "cache"
-    real_copy, seen = shutil.copyfileobj, []
-
-    def spy_copy(src, dst, length=0):  # what the cache folder holds while a file is being written
-        seen.append((pathlib.Path(dst.name).name, sorted(p.name for p in (cache / "gpt2").iterdir())))
-        real_copy(src, dst, length)
-    monkeypatch.setattr(model_module.shutil, "copyfileobj", spy_copy)
-
+    seen = []
+    hub.on_read = lambda: seen.append(listing(cache / "gpt2"))  # what the folder holds mid-download
     path = gpt2_safetensors("gpt2", str(cache))
-    assert seen == [("config.json.tmp", ["config.json.tmp"]),
-                    ("model.safetensors.tmp", ["config.json", "model.safetensors.tmp"])]
     assert path == str(cache / "gpt2" / "model.safetensors")
-    assert (cache / "gpt2" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
-    assert (cache / "gpt2" / "config.json").read_text() == (src / "config.json").read_text()
-    assert sorted(p.name for p in (cache / "gpt2").iterdir()) == ["config.json", "model.safetensors"]  # no .tmp
-
-    for f in src.iterdir():  # the second call must not download again
-        f.unlink()
-    assert gpt2_safetensors("gpt2", str(cache)) == path
+    assert hub.served == ["gpt2/config.json", "gpt2/model.safetensors"]
+    assert all(n.endswith(".tmp") or n.startswith("config.json") for names in seen for n in names)
+    assert not any("model.safetensors" == n for names in seen for n in names)  # never half there
+    assert listing(cache / "gpt2") == ["config.json", "config.json.sha256", "model.safetensors",
+                                       "model.safetensors.sha256"]
+    assert (cache / "gpt2" / "model.safetensors").read_bytes() == hub.files["gpt2/model.safetensors"]
+    hub.served.clear()
+    assert gpt2_safetensors("gpt2", str(cache)) == path and hub.served == []  # reused, not downloaded
     assert torch.equal(read_safetensors(path)["w"], torch.arange(6, dtype=torch.float32))
-
     assert gpt2_safetensors(path, "unused") == path  # an existing file is returned as is
-    with pytest.raises(RuntimeError, match=r"cannot download gpt2-medium \(.*\); download model\.safetensors "
-                                           r"yourself and pass --init_from=PATH/model\.safetensors"):
-        gpt2_safetensors("gpt2-medium", str(cache))
-    assert list((cache / "gpt2-medium").iterdir()) == []  # nothing half-written left behind
-    def broken_copy(src, dst, length=0):  # the connection drops half-way through
-        dst.write(src.read(3))
-        raise ConnectionResetError("connection reset by peer")
-    (hub / "gpt2-large" / "resolve" / "main").mkdir(parents=True)
-    for f in ("config.json", "model.safetensors"):
-        (hub / "gpt2-large" / "resolve" / "main" / f).write_bytes(b"0123456789")
-    monkeypatch.setattr(model_module.shutil, "copyfileobj", broken_copy)
-    with pytest.raises(RuntimeError, match=r"cannot download gpt2-large \(.*connection reset by peer\)"):
-        gpt2_safetensors("gpt2-large", str(cache))
-    assert list((cache / "gpt2-large").iterdir()) == []
     with pytest.raises(ValueError, match="neither a model.safetensors file nor one of"):
         gpt2_safetensors("gpt3", str(cache))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "edited", "no_record"])
+def test_gpt2_damaged_cache_is_never_used(tmp_path, hub, damage, capsys):
+    cache = tmp_path / "cache"
+    path = pathlib.Path(gpt2_safetensors("gpt2", str(cache)))
+    good = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[:-10])
+    elif damage == "edited":  # same length, one byte changed
+        path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    else:  # an unpinned model whose record of its download is gone
+        hub.files["gpt2-medium/model.safetensors"] = hub.files["gpt2/model.safetensors"]
+        hub.files["gpt2-medium/config.json"] = hub.files["gpt2/config.json"]
+        path = pathlib.Path(gpt2_safetensors("gpt2-medium", str(cache)))
+        (cache / "gpt2-medium" / "model.safetensors.sha256").unlink()
+    hub.served.clear()
+    name = path.parent.name
+    assert gpt2_safetensors(name, str(cache)) == str(path)
+    assert hub.served == [f"{name}/model.safetensors"]  # downloaded again, and only that file
+    assert path.read_bytes() == good
+    if damage != "no_record":
+        assert "is damaged or incomplete: downloading it again" in capsys.readouterr().out
+
+
+def test_gpt2_bad_downloads_leave_nothing(tmp_path, hub, monkeypatch):
+    cache = tmp_path / "cache"
+    body = hub.files["gpt2/model.safetensors"]
+    hub.announced["gpt2/model.safetensors"] = len(body) + 100  # the connection drops before the end
+    with pytest.raises(ValueError, match=rf"stopped at {len(body)} of {len(body) + 100} bytes; run again"):
+        gpt2_safetensors("gpt2", str(cache))
+    assert listing(cache / "gpt2") == ["config.json", "config.json.sha256"]  # no model, no .tmp
+    hub.announced.clear()
+    hub.files["gpt2/model.safetensors"] = body[:-1] + b"\0"  # whole, but not the published file
+    with pytest.raises(ValueError, match="is not the published file"):
+        gpt2_safetensors("gpt2", str(cache))
+    assert listing(cache / "gpt2") == ["config.json", "config.json.sha256"]
+    with pytest.raises(RuntimeError, match=r"cannot download gpt2-large \(.*404 not found.*\); download "
+                                           r"model\.safetensors yourself and pass --init_from=PATH/model\.safetensors"):
+        gpt2_safetensors("gpt2-large", str(cache))
+    assert listing(cache / "gpt2-large") == []
+
+
+def test_concurrent_downloads_do_not_mix(tmp_path, hub):
+    """Two processes (here threads) fetching one file at once each write a temporary file of their
+    own; the file kept is whole either way."""
+    cache = tmp_path / "cache"
+    hub.pause = 0.01
+    temps = set()
+    hub.on_read = lambda: temps.update(n for n in listing(cache / "gpt2") if n.endswith(".tmp"))
+    errors = []
+
+    def fetch():
+        try:
+            gpt2_safetensors("gpt2", str(cache))
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len({t for t in temps if t.startswith("model.safetensors.")}) == 2  # one temporary name each
+    assert (cache / "gpt2" / "model.safetensors").read_bytes() == hub.files["gpt2/model.safetensors"]
+    assert not any(n.endswith(".tmp") for n in listing(cache / "gpt2"))

@@ -103,6 +103,9 @@ BAD_LINES = {
                           '"chosen" has no'),
     "no human turn": (json.dumps({"chosen": GOOD[0]["chosen"], "rejected": ASSISTANT + " Hi"}),
                       '"rejected" has no'),
+    "end-of-text inside": (json.dumps({"chosen": GOOD[0]["chosen"],
+                                       "rejected": HUMAN + f" a{EOT}b" + ASSISTANT + " c"}),
+                           "\"rejected\" dialogue holds the text '<|endoftext|>', GPT-2's end-of-text token"),
 }
 
 
@@ -114,7 +117,7 @@ def test_malformed_line_names_file_and_line_or_is_skipped(tmp_path, suffix, kind
     with pytest.raises(DataError) as e:
         data.read_hh_file(path)
     assert str(e.value).startswith(f"{path} line 3: ") and why in str(e.value)
-    assert "skip_bad_lines=True" in str(e.value)
+    assert "rerun with --skip_bad_lines" in str(e.value)
     pairs, counts = data.read_hh_file(path, skip_bad_lines=True)
     assert [p[0] for p in pairs] == [data.split_dialogue(g["chosen"])[0] for g in GOOD]
     assert counts == {"read": 2, "kept": 2, "bad_line": 1, "prompt_mismatch": 0, "empty": 0}
@@ -159,8 +162,16 @@ def test_unreadable_files_are_data_errors_naming_the_file(tmp_path):
         data.read_hh_file(pointer)
     gz_named_plain = tmp_path / "gz.jsonl"
     gz_named_plain.write_bytes(gzip.compress(json.dumps(GOOD[0]).encode()))
-    with pytest.raises(DataError, match=f"{gz_named_plain}: not UTF-8 text"):
+    with pytest.raises(DataError, match=f"{gz_named_plain}: gzipped, but its name does not end with .gz"):
         data.read_hh_file(gz_named_plain)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(DataError, match=f"{latin1}: not UTF-8 text;"):
+        data.read_hh_file(latin1)
+    garbage_inside = tmp_path / "garbage.jsonl.gz"  # a valid gzip stream of bytes that are not text
+    garbage_inside.write_bytes(gzip.compress(bytes(range(256)) * 4))
+    with pytest.raises(DataError, match=rf"{garbage_inside}: its gunzipped content is not UTF-8 text \(a corrupt file\?\)"):
+        data.read_hh_file(garbage_inside)
     empty = write_lines(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(DataError, match=f"{empty}: holds no lines"):
         data.read_hh_file(empty)
