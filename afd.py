@@ -84,16 +84,21 @@ class PolicyBatch:
 
 
 @torch.no_grad()
-def sample_batch(policy, prompts, group_size, max_new_tokens, eos_id, generator, temperature=1.0):
+def sample_batch(policy, prompts, group_size, max_new_tokens, eos_id, generator, temperature=1.0, shared=False):
     """One sampling step (METHOD.md section 4): y_i ~ pi(.|x), group_size of them per prompt.
-    Returns the batch (idx, targets, last) of model.shared_prompt_batch, rows prompt-major: the
-    group_size samples of the first prompt, then those of the second, ...; each prompt runs once
-    for its group in every forward on the batch (the policy's, the reference's, a reward model's)."""
+    Returns the batch (idx, targets, last), rows prompt-major: the group_size samples of the first
+    prompt, then those of the second, ... As data.make_batch's full sequences, or with shared=True as
+    model.shared_prompt_batch's: then every forward on the batch (the policy's, the reference's, a
+    reward model's) runs each prompt once for its group. The same numbers to float tolerance, but
+    not bit for bit, and sampling amplifies the difference over a run (train.py's --pg_shared_prompts)."""
     model = getattr(policy, "module", policy)  # a DistributedDataParallel wrapper samples through its module
+    device = next(model.parameters()).device
     tokens, lengths = generate(model, prompts, group_size, max_new_tokens, eos_id, temperature, None, generator)
     responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
-    groups = [responses[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
-    return shared_prompt_batch(prompts, groups, eos_id, next(model.parameters()).device)
+    if shared:
+        groups = [responses[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
+        return shared_prompt_batch(prompts, groups, eos_id, device)
+    return make_batch([p for p in prompts for _ in range(group_size)], responses, eos_id, device)
 
 
 def rloo_advantages(rewards):
@@ -153,7 +158,7 @@ def adversarial_step(policy, ref, disc, disc_opt, batch, cfg):
     K = cfg.pg_group
     # 1. sample K responses per prompt from the current policy
     samples = sample_batch(policy, batch.prompts, K, cfg.max_new_tokens, batch.eos_id, batch.generator,
-                           cfg.temperature)
+                           cfg.temperature, cfg.pg_shared_prompts)
     demos = make_batch(batch.prompts, batch.demonstrations, batch.eos_id, samples[1].device)
     # 2. one discriminator step: the demonstrations against the samples
     disc.train()
@@ -200,7 +205,7 @@ def rl_step(policy, ref, reward_model, batch, cfg):
     maximise E_{y ~ pi}[r(x, y)] - beta_kl KL(pi || ref) with RLOO. Returns (loss, stats)."""
     # 1. sample K responses per prompt from the current policy
     samples = sample_batch(policy, batch.prompts, cfg.pg_group, cfg.max_new_tokens, batch.eos_id,
-                           batch.generator, cfg.temperature)
+                           batch.generator, cfg.temperature, cfg.pg_shared_prompts)
     # 2. the rewards, constants
     with torch.no_grad():
         rewards = reward_model(*samples).float()                     # (P*K,)

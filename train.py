@@ -104,6 +104,8 @@ class Config:
     pg_lr: float = opt(2e-4, "policy learning rate of the trained methods")
     pg_prompts: int = opt(8, "prompts per policy-gradient step")
     pg_group: int = opt(8, "K samples per prompt, the RLOO group (at least 2)")
+    pg_shared_prompts: bool = opt(False, "policy steps run each prompt once for its K samples: faster, "
+                                         "equal to float tolerance, not bit for bit (README: Performance)")
     beta_kl: float = opt(0.2, "per-token KL penalty to the reference policy")
     disc_lr: float = opt(3e-4, "afd_adversarial: the discriminator's learning rate")
     irl_rounds: int = opt(3, "irl_iterated: rounds of {sample, reward steps, policy steps}")
@@ -151,7 +153,7 @@ STAGE_FIELDS = {
     "sft": ["sft_steps", "sft_lr"],
     "sample": ["temperature", "top_k", "max_new_tokens", "n_rm_samples", "sample_rows"],
     "rm": ["rm_steps", "rm_lr", "ava_lambda", "ava_gamma"],
-    "policy": ["pg_steps", "pg_lr", "pg_prompts", "pg_group", "beta_kl", "disc_lr", "irl_rounds",
+    "policy": ["pg_steps", "pg_lr", "pg_prompts", "pg_group", "pg_shared_prompts", "beta_kl", "disc_lr", "irl_rounds",
                "irl_rm_steps", "irft_stages", "irft_beta", "n_round_samples"],
     "evaluate": ["bon_n", "methods", "gold_rm_steps", "gold_init_from"],
 }

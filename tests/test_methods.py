@@ -15,7 +15,7 @@ import torch
 import afd
 import data
 import train
-from model import configure_optimizer, frozen_copy, trainable_copy
+from model import SharedPrompts, configure_optimizer, frozen_copy, trainable_copy
 from reward import RewardModel
 
 VOCAB = data.Vocab(range(11))  # 11 tokens and the end of text: 12 ids, EOS = 11
@@ -24,7 +24,8 @@ DEMOS = [([1, 2, 3], [2, 3, EOS]), ([4, 5], [5, EOS]), ([6, 7, 8, 9], [9, 1, EOS
          ([3, 3, 2], [2, EOS])]  # (prompt, demonstration), distinct prompts of different lengths
 PROMPTS = [p for p, _ in DEMOS[:3]]
 # the fields a step function reads (any object has them; a train.Config does)
-STEP_CFG = types.SimpleNamespace(pg_group=4, max_new_tokens=4, temperature=1.0, beta_kl=0.1, grad_clip=1.0)
+STEP_CFG = types.SimpleNamespace(pg_group=4, max_new_tokens=4, temperature=1.0, beta_kl=0.1, grad_clip=1.0,
+                                 pg_shared_prompts=False)
 
 
 def policy_batch(seed=0):
@@ -50,7 +51,7 @@ def tiny_run(out_dir, **overrides):
 
 class ConstantReward(torch.nn.Module):
     def forward(self, idx, targets, last):
-        return torch.full((idx.shape[0],), 0.7)
+        return torch.full((targets.shape[0],), 0.7)
 
 
 class TokenCountReward(torch.nn.Module):
@@ -79,6 +80,47 @@ def test_sample_batch_is_k_rows_per_prompt_prompt_major_with_the_prompt_masked(t
         response = targets[row, n - 1:last[row]]      # position n - 1 predicts the first response token
         assert 1 <= len(response) <= 5 and response.tolist() == idx[row, n:last[row] + 1].tolist()
         assert (targets[row, last[row]:] == -100).all()
+
+
+def test_sample_batch_shared_holds_each_prompt_once_and_the_same_samples(tiny_gpt):
+    K = 3
+    plain = afd.sample_batch(tiny_gpt(), PROMPTS, K, 5, EOS, torch.Generator().manual_seed(0))
+    idx, targets, last = afd.sample_batch(tiny_gpt(), PROMPTS, K, 5, EOS, torch.Generator().manual_seed(0),
+                                          shared=True)
+    assert isinstance(idx, SharedPrompts) and idx.prompts.shape[0] == len(PROMPTS)  # each prompt held once
+    assert idx.responses.shape[0] == targets.shape[0] == last.shape[0] == len(PROMPTS) * K
+    for g, prompt in enumerate(PROMPTS):
+        assert idx.prompts[g][idx.real[g]].tolist() == prompt
+    for row in range(len(PROMPTS) * K):
+        n = int(last[row])  # the response's length; column j of targets is response token j
+        plain_response = plain[1][row][plain[1][row] != -100].tolist()
+        assert 1 <= n <= 5 and targets[row, :n].tolist() == idx.responses[row, :n].tolist() == plain_response
+        assert (targets[row, n:] == -100).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["rl", "adversarial"])
+def test_policy_steps_on_shared_prompts_equal_the_plain_steps(tiny_gpt, step):
+    """--pg_shared_prompts: the same samples (the same draws), and the same loss, stats and policy
+    gradient to float tolerance, as the plain step."""
+    results = []
+    for shared in (False, True):
+        pi = tiny_gpt()
+        policy, ref = trainable_copy(pi), frozen_copy(pi)
+        cfg = types.SimpleNamespace(**{**vars(STEP_CFG), "pg_shared_prompts": shared})
+        if step == "rl":
+            loss, stats = afd.rl_step(policy, ref, TokenCountReward(3), policy_batch(), cfg)
+        else:
+            disc = RewardModel.from_policy(pi)
+            loss, stats = afd.adversarial_step(policy, ref, disc, configure_optimizer(disc, 1e-2, 0.0),
+                                               policy_batch(), cfg)
+        loss.backward()
+        results.append((loss.item(), stats, [p.grad.clone() for p in policy.parameters()]))
+    (loss, stats, grads), (loss_shared, stats_shared, grads_shared) = results
+    assert loss_shared == pytest.approx(loss, abs=1e-5) and stats_shared == pytest.approx(stats, abs=1e-5)
+    assert abs(loss) > 1e-4 and sum(g.abs().sum() for g in grads) > 1e-4
+    for g, g_shared in zip(grads, grads_shared):
+        torch.testing.assert_close(g_shared, g, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
