@@ -15,20 +15,11 @@ import torch
 import data
 import train
 from model import GPT, GPTConfig
+from test_faults import comparable
 
 ROOT = Path(__file__).resolve().parents[1]
 # smoke, with a pre-training stage long enough to be killed in the middle of
 ARGS = ["--preset=smoke", "--device=cpu", "--pretrain_steps=300", "--ckpt_every=25"]
-
-
-def comparable(out_dir):
-    """results.json without what may differ between two equal runs (wall time, out dir, and
-    which stages were trained or loaded)."""
-    results = json.loads((Path(out_dir) / "results.json").read_text())
-    results.pop("wall_time_s")
-    results.pop("stages")
-    results["config"].pop("out_dir")
-    return results
 
 
 def digests(out_dir):
