@@ -78,6 +78,14 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
     # a log that fits a file: stage lines, no progress-bar redraws
     assert "\r" not in proc.stderr and len(proc.stdout) + len(proc.stderr) < 12_000
     assert "[pi_sft] trained 15 steps: loss" in proc.stdout
+    # where the time went: every stage, each reward model and method, each scorer of the candidates
+    times = results["stage_times"]
+    assert list(times)[:4] == ["task", "pretrain", "sft", "sample"] and all(t >= 0 for t in times.values())
+    assert {"rm/pref", "rm/ava_p", "policy/irft", "policy/rl_ava_d", "evaluate/score logratio",
+            "evaluate/sample candidates"} <= set(times)
+    assert sum(times[k] for k in times if "/" not in k) <= results["wall_time_s"]
+    assert times["policy"] >= sum(times[k] for k in times if k.startswith("policy/")) - 1e-6
+    assert "## Where the time went" in report and "Wall time by stage:" in proc.stdout
     if importlib.util.find_spec("matplotlib"):  # in requirements.txt; the plot is skipped without it
         assert (out / "golden_vs_kl.png").stat().st_size > 10_000
     else:

@@ -49,3 +49,23 @@ def test_progress_in_a_log_file_is_a_line_at_an_interval_not_a_redraw(monkeypatc
     err.truncate(0)
     monkeypatch.setattr(train, "PROGRESS_EVERY", 3600.0)
     assert list(train.progress(range(5), desc="quiet")) == list(range(5)) and err.getvalue() == ""
+
+
+def test_stage_time_table_lists_stages_their_parts_and_the_rest():
+    results = {"wall_time_s": 100.0, "stage_times": {"task": 5.0, "rm": 40.0, "rm/pref": 10.0, "rm/ava_p": 20.0,
+                                                      "evaluate": 50.0}}
+    lines = report.stage_time_table(results).splitlines()
+    assert lines[2:] == ["| task | | 5.0 | 5.0% |", "| rm | | 40.0 | 40.0% |", "| | pref | 10.0 | 10.0% |",
+                         "| | ava_p | 20.0 | 20.0% |", "| | (rest) | 10.0 | 10.0% |", "| evaluate | | 50.0 | 50.0% |",
+                         "| (outside the stages) | | 5.0 | 5.0% |", "| **total** | | 100.0 | 100% |"]
+    assert report.stage_time_table({"wall_time_s": 1.0}) == ""  # a results.json from before the table
+
+
+def test_timed_adds_up_the_time_of_each_block(monkeypatch):
+    clock = iter([10.0, 12.5, 20.0, 21.0])
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(train, "STAGE_TIMES", {})
+    for _ in range(2):
+        with train.timed("rm/pref"):
+            pass
+    assert train.STAGE_TIMES == {"rm/pref": 3.5}
