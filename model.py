@@ -21,7 +21,8 @@ API
     masked_mean(values, mask)      -> the mean over the unmasked entries (0 when there are none)
     generate(model, prompts, n_samples, max_new_tokens, eos_id, ...)
                                    -> (tokens, lengths), KV-cached sampling; a prompt's keys/values
-                                      are computed and stored once, shared by its n_samples rows
+                                      are computed and stored once, shared by its n_samples rows; most
+                                      rows that have ended stop being run (the same tokens)
     shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias)  -> the attention used for that
     configure_optimizer(model, lr, weight_decay, betas)  -> AdamW
     num_params(model)              -> number of (unique) parameters
@@ -374,14 +375,17 @@ def sequence_logprob(model, idx, targets):
     return token_logprobs(model, idx, targets).sum(dim=1)
 
 
-def _sample(logits, temperature, top_k, generator):
+def _sample(logits, temperature, top_k, generator, rows=None, n_all=None):
     """One token id per row from logits (R, V): greedy if temperature == 0, else a draw from
     p = softmax(logits / temperature) (restricted to the top_k logits) by inverse CDF:
         token = min { i : cdf_i >= u * cdf_V },   cdf_i = p_1 + ... + p_i,   u ~ U(0, 1]
     one uniform per row, no token with p_i = 0 ever drawn. cdf and u are float64, so probabilities
     down to ~1e-16 are drawn at their own rate. The same distribution as torch.multinomial(p, 1),
     which draws an exponential for every token of every row, but not the same tokens for a given
-    seed (the README's Performance section has the measured cost of each)."""
+    seed (the README's Performance section has the measured cost of each).
+    rows (R,), n_all: logits holds these rows of a batch of n_all rows; n_all uniforms are drawn and
+    those of these rows used, so that a row's draws do not depend on which other rows are still run
+    (generate stops running most rows that have ended)."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (R,)
     logits = logits.float()
@@ -391,8 +395,17 @@ def _sample(logits, temperature, top_k, generator):
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]  # (R, 1)
         logits = logits.masked_fill(logits < kth, float('-inf'))
     cdf = torch.cumsum(F.softmax(logits, dim=-1), dim=-1, dtype=torch.float64)  # (R, V)
-    u = 1 - torch.rand(cdf.size(0), 1, dtype=torch.float64, device=cdf.device, generator=generator)  # (R, 1)
+    n_draws = cdf.size(0) if rows is None else n_all
+    u = 1 - torch.rand(n_draws, 1, dtype=torch.float64, device=cdf.device, generator=generator)  # (n_draws, 1)
+    if rows is not None:
+        u = u[rows]  # (R, 1)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)  # (R,)
+
+
+# generate keeps running at least this many rows: fewer would hardly make a step cheaper (its fixed
+# cost dominates), and under 16 rows the CPU's matrix kernels round differently, which would change a
+# run's samples for no gain
+MIN_ROWS = 16
 
 
 @torch.no_grad()
@@ -403,7 +416,9 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
     its length counts the eos, or is max_new_tokens if it never produced one. temperature 0 = greedy.
     The generator (if any) must live on the model's device. Each prompt's prefix is computed once and its
     keys/values are stored once, shared by its n_samples rows (shared_prefix_attention); each row caches
-    only its new tokens. One draw per step for all rows (_sample), also for rows that have ended."""
+    only its new tokens. One draw per step for every row (_sample), also for rows that have ended, so the
+    samples do not depend on which rows are still run: once half of those run have ended, most ended
+    rows stop being run (rows_still_sampling). The tokens are the same as when every row runs to the end."""
     cfg = model.config
     device = next(model.parameters()).device
     for i, p in enumerate(prompts):
@@ -419,29 +434,56 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
 
     # P * n_samples rows: the prompt's keys/values stay once per prompt, shared by its n_samples rows
     # (prefix=, pad keys masked out), and each row caches only its new tokens (written before being read)
-    R, hd, w = len(prompts) * n_samples, cfg.n_embd // cfg.n_head, model.transformer.wte.weight
+    P, n = len(prompts), n_samples
+    R, hd, w = P * n, cfg.n_embd // cfg.n_head, model.transformer.wte.weight
     cache = [tuple(w.new_empty(R, cfg.n_head, max_new_tokens, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
-    logits = logits.repeat_interleave(n_samples, dim=0)  # (R, V)
-    next_pos = real.sum(dim=1).repeat_interleave(n_samples)  # (R,) position of the first new token
+    logits = logits.repeat_interleave(n, dim=0)  # (R, V)
+    next_pos = real.sum(dim=1).repeat_interleave(n)  # (R,) position of the first new token
 
     tokens = torch.full((R, max_new_tokens), eos_id, dtype=torch.long, device=device)
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
+    rows = torch.arange(R, device=device).view(P, n)  # the rows the model runs: n_run of P_run prompts
     for t in range(max_new_tokens):
-        tok = _sample(logits, temperature, top_k, generator)  # (R,)
-        tok = tok.masked_fill(done, eos_id)
-        tokens[:, t] = tok
-        finished = ~done & (tok == eos_id)
+        run = rows.reshape(-1)  # (R_run,)
+        tok = _sample(logits, temperature, top_k, generator, run, R)  # (R_run,)
+        tok = tok.masked_fill(done[run], eos_id)
+        tokens[run, t] = tok  # the other rows have ended: eos_id already
+        finished = ~done & (tokens[:, t] == eos_id)
         lengths.masked_fill_(finished, t + 1)
         done |= finished
         if t == max_new_tokens - 1 or done.all():
             break
-        h = model.hidden(tok[:, None], pos=(next_pos + t)[:, None], cache=cache, cache_pos=t,
-                         prefix=prefix)  # (R, 1, C)
-        logits = model.lm_head(h[:, -1])  # (R, V)
+        if 2 * int((~done[run]).sum()) <= run.numel():  # half the rows run have ended: run fewer
+            prompts_kept, picked = rows_still_sampling(done[rows])  # (P_new,), (P_new, n_new) into rows
+            if 4 * picked.numel() <= 3 * run.numel():  # a quarter fewer at least: the cache is copied seldom
+                where = (prompts_kept[:, None] * rows.size(1) + picked).view(-1)  # (R_new,) into run
+                rows = rows[prompts_kept].gather(1, picked)
+                cache = [(k[where], v[where]) for k, v in cache]
+                prefix = ([(k[prompts_kept], v[prompts_kept]) for k, v in prefix[0]], prefix[1][prompts_kept])
+                tok = tok[where]
+        h = model.hidden(tok[:, None], pos=(next_pos[rows.reshape(-1)] + t)[:, None], cache=cache, cache_pos=t,
+                         prefix=prefix)  # (R_run, 1, C)
+        logits = model.lm_head(h[:, -1])  # (R_run, V)
 
     model.train(was_training)
     return tokens, lengths
+
+
+def rows_still_sampling(done):
+    """Which rows generate goes on running, from done (P_run, n_run), the rows it runs now (n_run per
+    prompt): the prompts with a row not done, each with n_new rows, its rows not done first (in order),
+    then ended ones to fill up; n_new the most not-done rows of a prompt, at least 2 (unless n_run is 1:
+    the CPU rounds a lone row per prompt differently); while under MIN_ROWS rows, the first prompts with
+    all rows done too. Returns prompts_kept (P_new,) and picked (P_new, n_new), indices into done."""
+    busy = ~done  # (P_run, n_run)
+    n_new = max(int(busy.sum(dim=1).max()), min(2, done.size(1)))
+    has_busy = busy.any(dim=1)  # (P_run,)
+    missing = -(-MIN_ROWS // n_new) - int(has_busy.sum())  # prompts short of MIN_ROWS rows
+    kept = has_busy | (~has_busy & ((~has_busy).cumsum(dim=0) <= missing))
+    prompts_kept = kept.nonzero().squeeze(1)  # (P_new,)
+    picked = torch.sort(done[prompts_kept].int(), dim=1, stable=True).indices[:, :n_new]  # not done first
+    return prompts_kept, picked
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, _sample, configure_optimizer, generate, shared_prefix_attention
+import model as model_module
+from model import (MIN_ROWS, GPT, GPTConfig, _sample, configure_optimizer, generate, rows_still_sampling,
+                   shared_prefix_attention)
 
 V, BLOCK = 50, 32
 
@@ -254,6 +256,71 @@ def test_generate_eos_lengths_and_padding():
     tokens, lengths = generate(model, PROMPTS, n_samples=4, max_new_tokens=max_new, eos_id=3, top_k=5,
                                generator=torch.Generator().manual_seed(1))
     check_eos_consistency(tokens, lengths, 3, max_new)
+
+
+def test_sample_on_some_rows_draws_what_those_rows_draw_in_the_whole_batch():
+    """_sample(logits[rows], ..., rows, n_all) consumes the generator as a draw for all n_all rows and gives
+    each of the rows its token of that whole draw: a row's sample does not depend on the others."""
+    logits = torch.randn(40, V, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([1, 2, 7, 30, 39])
+    for temperature, top_k in [(1.0, None), (0.7, 5)]:
+        g_all, g_some = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        whole = _sample(logits, temperature, top_k, g_all)
+        some = _sample(logits[rows], temperature, top_k, g_some, rows, len(logits))
+        assert torch.equal(some, whole[rows])
+        assert torch.equal(g_all.get_state(), g_some.get_state())
+
+
+def test_rows_still_sampling_keeps_the_prompts_with_a_row_not_done_and_puts_those_rows_first():
+    done = torch.tensor([[1, 1, 1, 1],   # prompt 0: every row ended
+                         [1, 0, 1, 1],   # prompt 1: row 1 still sampling
+                         [0, 1, 1, 0],   # prompt 2: rows 0 and 3
+                         [1, 1, 1, 1]], dtype=torch.bool).repeat(MIN_ROWS, 1)  # so that MIN_ROWS adds none
+    prompts_kept, picked = rows_still_sampling(done)
+    assert prompts_kept.tolist() == [p for p in range(len(done)) if p % 4 in (1, 2)]
+    # two rows per prompt, the most not-done rows of any prompt: its not-done rows first, in order
+    assert picked[:2].tolist() == [[1, 0], [0, 3]]
+    assert not done[prompts_kept[:, None], picked][:, 0].any()
+
+
+def test_rows_still_sampling_keeps_two_rows_a_prompt_and_at_least_min_rows():
+    done = torch.ones(2 * MIN_ROWS, 4, dtype=torch.bool)
+    done[5, 2] = False  # one row of one prompt still sampling
+    prompts_kept, picked = rows_still_sampling(done)
+    assert picked.shape[1] == 2  # never a lone row per prompt (n > 1): the CPU rounds that case differently
+    assert picked.numel() >= MIN_ROWS and 5 in prompts_kept.tolist()
+    assert picked[prompts_kept.tolist().index(5), 0] == 2
+    # one sample per prompt: one row each
+    done = torch.ones(3 * MIN_ROWS, 1, dtype=torch.bool)
+    done[[4, 40]] = False
+    prompts_kept, picked = rows_still_sampling(done)
+    assert picked.shape == (MIN_ROWS, 1) and {4, 40} <= set(prompts_kept.tolist())
+
+
+def test_generate_that_stops_running_ended_rows_gives_the_tokens_of_running_every_row(monkeypatch):
+    """64 rows whose responses end at different steps: generate stops running most ended rows (and
+    says so through rows_still_sampling), and the tokens and lengths are those of a generate that runs
+    every row to the end."""
+    model = tiny_model(sharp=True)
+    prompts = [rand_tokens(3 + i % 5, seed=10 + i).tolist() for i in range(8)]
+    kw = dict(prompts=prompts, n_samples=8, max_new_tokens=20, temperature=1.0)
+    free, _ = generate(model, eos_id=-1, generator=torch.Generator().manual_seed(0), **kw)
+    eos_id = free.flatten().mode().values.item()  # a frequent token: rows end at different steps
+    kept_sizes = []
+
+    def recorded(done):
+        prompts_kept, picked = rows_still_sampling(done)
+        kept_sizes.append((done.numel(), picked.numel()))
+        return prompts_kept, picked
+
+    monkeypatch.setattr(model_module, "rows_still_sampling", recorded)
+    got = generate(model, eos_id=eos_id, generator=torch.Generator().manual_seed(0), **kw)
+    assert any(4 * kept <= 3 * run for run, kept in kept_sizes)  # rows were dropped
+    monkeypatch.setattr(model_module, "rows_still_sampling",
+                        lambda done: (torch.arange(done.size(0)), torch.arange(done.size(1)).expand_as(done)))
+    every_row = generate(model, eos_id=eos_id, generator=torch.Generator().manual_seed(0), **kw)
+    assert len(set(every_row[1].tolist())) > 3  # lengths of several kinds
+    assert torch.equal(got[0], every_row[0]) and torch.equal(got[1], every_row[1])
 
 
 def test_sampling_as_temperature_goes_to_zero_equals_greedy():
