@@ -408,7 +408,6 @@ def _sample(logits, temperature, top_k, generator, rows=None, n_all=None):
 MIN_ROWS = 16
 
 
-@torch.no_grad()
 def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0, top_k=None, generator=None):
     """Sample n_samples continuations of each prompt (a list of P lists of token ids) with a KV cache.
     Returns tokens (P*n_samples, max_new_tokens) and lengths (P*n_samples,); rows of prompt i are
@@ -427,47 +426,46 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
                              f"block_size {cfg.block_size} (or the prompt is empty)")
     was_training = model.training
     model.eval()
+    with torch.inference_mode():  # no autograd bookkeeping at all: ~10% faster than no_grad here
+        idx, real = left_padded(prompts, device)  # (P, L) each
+        prefix, h = model.prompt_pass(idx, real)  # the prompts' keys/values, once per prompt; h (P, L, C)
+        logits = model.lm_head(h[:, -1])  # (P, V)
 
-    idx, real = left_padded(prompts, device)  # (P, L) each
-    prefix, h = model.prompt_pass(idx, real)  # the prompts' keys/values, once per prompt; h (P, L, C)
-    logits = model.lm_head(h[:, -1])  # (P, V)
+        # P * n_samples rows: the prompt's keys/values stay once per prompt, shared by its n_samples rows
+        # (prefix=, pad keys masked out), and each row caches only its new tokens (written before being read)
+        P, n = len(prompts), n_samples
+        R, hd, w = P * n, cfg.n_embd // cfg.n_head, model.transformer.wte.weight
+        cache = [tuple(w.new_empty(R, cfg.n_head, max_new_tokens, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
+        logits = logits.repeat_interleave(n, dim=0)  # (R, V)
+        next_pos = real.sum(dim=1).repeat_interleave(n)  # (R,) position of the first new token
 
-    # P * n_samples rows: the prompt's keys/values stay once per prompt, shared by its n_samples rows
-    # (prefix=, pad keys masked out), and each row caches only its new tokens (written before being read)
-    P, n = len(prompts), n_samples
-    R, hd, w = P * n, cfg.n_embd // cfg.n_head, model.transformer.wte.weight
-    cache = [tuple(w.new_empty(R, cfg.n_head, max_new_tokens, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
-    logits = logits.repeat_interleave(n, dim=0)  # (R, V)
-    next_pos = real.sum(dim=1).repeat_interleave(n)  # (R,) position of the first new token
-
-    tokens = torch.full((R, max_new_tokens), eos_id, dtype=torch.long, device=device)
-    lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(R, dtype=torch.bool, device=device)
-    rows = torch.arange(R, device=device).view(P, n)  # the rows the model runs: n_run of P_run prompts
-    for t in range(max_new_tokens):
-        run = rows.reshape(-1)  # (R_run,)
-        tok = _sample(logits, temperature, top_k, generator, run, R)  # (R_run,)
-        tok = tok.masked_fill(done[run], eos_id)
-        tokens[run, t] = tok  # the other rows have ended: eos_id already
-        finished = ~done & (tokens[:, t] == eos_id)
-        lengths.masked_fill_(finished, t + 1)
-        done |= finished
-        if t == max_new_tokens - 1 or done.all():
-            break
-        if 2 * int((~done[run]).sum()) <= run.numel():  # half the rows run have ended: run fewer
-            prompts_kept, picked = rows_still_sampling(done[rows])  # (P_new,), (P_new, n_new) into rows
-            if 4 * picked.numel() <= 3 * run.numel():  # a quarter fewer at least: the cache is copied seldom
-                where = (prompts_kept[:, None] * rows.size(1) + picked).view(-1)  # (R_new,) into run
-                rows = rows[prompts_kept].gather(1, picked)
-                cache = [(k[where], v[where]) for k, v in cache]
-                prefix = ([(k[prompts_kept], v[prompts_kept]) for k, v in prefix[0]], prefix[1][prompts_kept])
-                tok = tok[where]
-        h = model.hidden(tok[:, None], pos=(next_pos[rows.reshape(-1)] + t)[:, None], cache=cache, cache_pos=t,
-                         prefix=prefix)  # (R_run, 1, C)
-        logits = model.lm_head(h[:, -1])  # (R_run, V)
-
+        tokens = torch.full((R, max_new_tokens), eos_id, dtype=torch.long, device=device)
+        lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(R, dtype=torch.bool, device=device)
+        rows = torch.arange(R, device=device).view(P, n)  # the rows the model runs: n_run of P_run prompts
+        for t in range(max_new_tokens):
+            run = rows.reshape(-1)  # (R_run,)
+            tok = _sample(logits, temperature, top_k, generator, run, R)  # (R_run,)
+            tok = tok.masked_fill(done[run], eos_id)
+            tokens[run, t] = tok  # the other rows have ended: eos_id already
+            finished = ~done & (tokens[:, t] == eos_id)
+            lengths.masked_fill_(finished, t + 1)
+            done |= finished
+            if t == max_new_tokens - 1 or done.all():
+                break
+            if 2 * int((~done[run]).sum()) <= run.numel():  # half the rows run have ended: run fewer
+                prompts_kept, picked = rows_still_sampling(done[rows])  # (P_new,), (P_new, n_new) into rows
+                if 4 * picked.numel() <= 3 * run.numel():  # a quarter fewer at least: the cache is copied seldom
+                    where = (prompts_kept[:, None] * rows.size(1) + picked).view(-1)  # (R_new,) into run
+                    rows = rows[prompts_kept].gather(1, picked)
+                    cache = [(k[where], v[where]) for k, v in cache]
+                    prefix = ([(k[prompts_kept], v[prompts_kept]) for k, v in prefix[0]], prefix[1][prompts_kept])
+                    tok = tok[where]
+            h = model.hidden(tok[:, None], pos=(next_pos[rows.reshape(-1)] + t)[:, None], cache=cache, cache_pos=t,
+                             prefix=prefix)  # (R_run, 1, C)
+            logits = model.lm_head(h[:, -1])  # (R_run, V)
     model.train(was_training)
-    return tokens, lengths
+    return tokens.clone(), lengths.clone()  # plain tensors again, which autograd accepts
 
 
 def rows_still_sampling(done):

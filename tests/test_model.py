@@ -215,8 +215,11 @@ def test_shared_prefix_attention_equals_sdpa_on_the_concatenation():
 
 def test_generate_restores_training_flag():
     model = tiny_model().train()
-    generate(model, PROMPTS, 1, 3, eos_id=0, temperature=0)
+    tokens, lengths = generate(model, PROMPTS, 1, 3, eos_id=0, temperature=0)
     assert model.training
+    # it runs in inference mode, but returns tensors autograd accepts: a loss on the samples backpropagates
+    assert not tokens.is_inference() and not lengths.is_inference()
+    model(tokens, tokens)[1].backward()
     model.eval()
     generate(model, PROMPTS, 1, 3, eos_id=0, temperature=0)
     assert not model.training
