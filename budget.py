@@ -36,10 +36,14 @@ SHARED = ["pi_init.pt", "pi_init.curve.jsonl", "pi_sft.pt", "pi_sft.curve.jsonl"
 
 def fit_gao(kl_bounds, gains):
     """Least squares of gains = d (alpha - beta d) on d = sqrt(kl): (alpha, beta, the KL of the
-    peak or None if the curve does not bend down, beta <= 0)."""
+    peak or None if the curve does not clearly bend down). "Clearly": beta above 1e-6 of the
+    data's own curvature scale, max |gain| / max d^2, so that a beta that is zero up to rounding
+    (a straight line) never gives a peak, whatever the CPU."""
     d = np.sqrt(np.asarray(kl_bounds, dtype=float))
-    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -d ** 2], axis=1), np.asarray(gains, dtype=float), rcond=None)
-    return float(alpha), float(beta), (float((alpha / (2 * beta)) ** 2) if beta > 0 else None)
+    gains = np.asarray(gains, dtype=float)
+    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -d ** 2], axis=1), gains, rcond=None)
+    scale = np.abs(gains).max() / max(float((d ** 2).max()), 1e-12)
+    return float(alpha), float(beta), (float((alpha / (2 * beta)) ** 2) if beta > 1e-6 * scale else None)
 
 
 def budget_rows(results, factor):

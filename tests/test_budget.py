@@ -18,6 +18,11 @@ def test_fit_recovers_gaos_form_and_its_peak():
     alpha, beta, peak_kl = budget.fit_gao(kl, gains)
     assert (alpha, beta) == pytest.approx((0.6, 0.3)) and peak_kl == pytest.approx(1.0)  # d* = 0.6 / 0.6
     assert budget.fit_gao(kl, [math.sqrt(k) for k in kl])[2] is None   # still rising: no peak
+    # a straight line whose fitted beta is a rounding error of either sign: never a peak
+    for eps in (1e-15, -1e-15, 3e-16):
+        assert budget.fit_gao(kl, [math.sqrt(k) * (1 + eps * i) for i, k in enumerate(kl)])[2] is None
+    # a clear but gentle bend still gives its peak, far out: d* = 1 / (2 * 0.01) = 50
+    assert budget.fit_gao(kl, [math.sqrt(k) * (1 - 0.01 * math.sqrt(k)) for k in kl])[2] == pytest.approx(2500)
     assert budget.peak_n(1.0) == 8   # bounds: n=4 0.64, n=8 1.20, the nearer to 1.0
 
 
