@@ -10,11 +10,14 @@ function that reads top to bottom, its phases numbered.
                                 4   the RLOO policy-gradient loss with a KL penalty
     adversarial_step, afd_adversarial
                                 5   the adversarial method (GAIL-style)
+    TAILORED, tailored_triples, discriminator_batch_loss
+                                6   the tailored reward models' data: both classes on the same prompts
     rl_step, rl_on_reward       6   RL on a fixed reward (a tailored reward model, AVA-d)
     irl_round, irl_iterated     7   iterated IRL with an explicit reward
     irft_loss, irft_stage, irft 8   IRFT (the implicit reward; one stage is SPIN)
     best_of_n, best_of_n_estimate, kl_bound
                                 9   Best-of-N and its every-n estimator
+    ava_d_direct                10  AVA-d's direct optimisation: the policy is AVA's Q model
     mean_stderr, win_rate_indicator, kl_estimate
                                 11  evaluation
 
@@ -28,8 +31,10 @@ plumbing, which does nothing specific to a method:
         (loaded instead when <name>.pt is up to date)
     run.policy_batches(label)        batch_at(step) -> PolicyBatch: a step's prompts
     run.triple_batches(triples, label)  batch_at(step) -> a batch of B better, then B worse rows
-    run.demonstrations(label)        a random subset of the demonstration prompts, with theirs
-    run.sample(policy, prompts, label)  one response per prompt (split across processes)
+    run.demonstrations(label, part=0, parts=1)  a random subset of the demonstration prompts, with
+        theirs (parts > 1: the part-th of disjoint slices)
+    run.demonstration_batches(label) batch_at(step) -> a batch of demonstrations (data.make_batch)
+    run.sample(policy, prompts, label, temperature=None)  one response per prompt (split across processes)
     run.data_parallel(model)         the model, wrapped for data parallelism under torchrun
 `label` names a random stream: the same label, the same draws.
 """
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from data import make_batch
 from model import (configure_optimizer, frozen_copy, generate, masked_mean, sequence_logprob, shared_prompt_batch,
                    token_logprobs, trainable_copy)
-from reward import RewardModel, pairwise_loss
+from reward import AVARewardModel, RewardModel, ava_d_loss, pairwise_loss
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,7 +203,30 @@ def afd_adversarial(pi_init, pi_sft, run, cfg):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. RL on a fixed reward
+# 6. Tailored reward models, and RL on a fixed reward
+
+TAILORED = {"init_sft": ("sft", "init"), "init_demo": ("demo", "init"), "sft_demo": ("demo", "sft")}
+"""Each tailored reward model's classes: name -> (positives, negatives), all on the same prompts."""
+
+
+def tailored_triples(name, prompts, demonstrations, init_samples, sft_samples):
+    """The training data of tailored reward model `name` (METHOD.md section 6): one (x, positive,
+    negative) triple per sample, both classes on the same prompt x, as AfD defines them. prompts
+    (P,) with their demonstrations (P,); init_samples, sft_samples (P * k,), k samples of each
+    prompt, prompt-major. A batch of B triples is B positives, then B negatives
+    (train.triples_batch), the order afd.discriminator_loss takes them in."""
+    k = len(init_samples) // len(prompts)
+    responses = {"demo": [y for y in demonstrations for _ in range(k)], "init": init_samples, "sft": sft_samples}
+    positives, negatives = TAILORED[name]
+    return [(prompts[i // k], responses[positives][i], responses[negatives][i]) for i in range(len(init_samples))]
+
+
+def discriminator_batch_loss(model, batch):
+    """discriminator_loss of a reward model on a batch of B positives, then B negatives."""
+    r = model(*batch)                                                # (2B,)
+    B = r.shape[0] // 2
+    return discriminator_loss(r[:B], r[B:])
+
 
 def rl_step(policy, ref, reward_model, batch, cfg):
     """One policy-gradient step on a fixed reward model r (METHOD.md section 6):
@@ -229,21 +257,25 @@ def rl_on_reward(name, pi_sft, reward_model, run, cfg):
 # ----------------------------------------------------------------------------------------
 # 7. Iterated IRL with an explicit reward
 
-def irl_round(k, policy, reward_model, triples, run, cfg):
-    """Round k of iterated IRL (METHOD.md section 7), from pi_k = policy:
-      1. sample y~ ~ pi_k(.|x) on a random subset of the demonstration prompts;
+def irl_round(k, pi_sft, policy, triples, run, cfg):
+    """Round k of iterated IRL (METHOD.md section 7; arXiv 2503.13538 and its released code),
+    from pi_k = policy:
+      1. sample y~ ~ pi_k(.|x) near-greedily (temperature irl_temperature) on a random subset
+         of the demonstration prompts;
       2. aggregate: P_k = P_{k-1} + {(x, y^E, y~)};
-      3. reward steps: L_R = -E_{P_k} log sigma(r(x, y^E) - r(x, y~)) (Bradley-Terry, the
-         demonstration always the winner: no preference labels);
-      4. policy steps: maximise E_{y ~ pi}[r(x, y)] - beta_kl KL(pi || pi_k), giving pi_{k+1}.
-    policy and reward_model are trained in place; returns P_k.
+      3. a fresh reward model r_k from pi_sft's trunk, trained on all of P_k with
+         L_R = -E_{P_k} log sigma(r(x, y^E) - r(x, y~)) (Bradley-Terry, the demonstration
+         always the winner: no preference labels);
+      4. policy steps: maximise E_{y ~ pi}[r_k(x, y)] - beta_kl KL(pi || pi_k), giving pi_{k+1}.
+    policy is trained in place; returns P_k.
     """
-    # 1. sample: pi_k answers the round's demonstration prompts
+    # 1. sample: pi_k answers the round's demonstration prompts, near-greedily
     prompts, demonstrations = run.demonstrations(f"irl_round{k}")
-    own = run.sample(policy, prompts, f"irl_round{k}")
+    own = run.sample(policy, prompts, f"irl_round{k}", temperature=cfg.irl_temperature)
     # 2. aggregate the (prompt, demonstration, own sample) triples of every round so far
     triples = triples + list(zip(prompts, demonstrations, own))
-    # 3. reward steps: the demonstration beats pi_k's own sample
+    # 3. reward steps: a fresh reward model from pi_sft; the demonstration beats pi_j's sample, j <= k
+    reward_model = RewardModel.from_policy(pi_sft).to(next(pi_sft.parameters()).device)
     run.train(reward_model, f"rm_irl_iterated_round{k}", pairwise_loss, run.triple_batches(triples, f"irl_rm{k}"),
               cfg.irl_rm_steps, cfg.rm_lr)
     # 4. policy steps on the round's fixed reward, KL to pi_k
@@ -253,17 +285,16 @@ def irl_round(k, policy, reward_model, triples, run, cfg):
     return triples
 
 
-def irl_iterated(pi_init, pi_sft, run, cfg):
-    """Iterated IRL, whole: pi_0 = pi_sft, a reward model from pi_init's trunk, P_{-1} = {}:
+def irl_iterated(pi_sft, run, cfg):
+    """Iterated IRL, whole: pi_0 = pi_sft, P_{-1} = {}:
 
         for k in range(irl_rounds):
-            P_k = irl_round(k, pi_k, r, P_{k-1})    # pi_k -> pi_{k+1}, r trained further
+            P_k = irl_round(k, pi_k, P_{k-1})    # r_k fresh from pi_sft on P_k; pi_k -> pi_{k+1}
     """
     policy = trainable_copy(pi_sft)
-    reward_model = RewardModel.from_policy(pi_init).to(next(pi_init.parameters()).device)
     triples = []
     for k in range(cfg.irl_rounds):
-        triples = irl_round(k, policy, reward_model, triples, run, cfg)
+        triples = irl_round(k, pi_sft, policy, triples, run, cfg)
     return policy
 
 
@@ -283,12 +314,13 @@ def irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, beta):
 
 def irft_stage(t, policy, run, cfg):
     """Stage t of IRFT (METHOD.md section 8), from pi_t = policy (trained in place):
-      1. sample y~ ~ pi_t(.|x) on a random subset of the demonstration prompts;
+      1. sample y~ ~ pi_t(.|x) on the stage's own slice of the demonstrations (the stages'
+         slices are disjoint, as in IRFT's released code);
       2. freeze pi_t, the reference of the implicit reward beta log(pi / pi_t);
       3. steps on irft_loss, the demonstration winning over pi_t's own sample.
     """
     # 1. sample: pi_t answers the stage's demonstration prompts
-    prompts, demonstrations = run.demonstrations(f"irft{t}")
+    prompts, demonstrations = run.demonstrations("irft", part=t, parts=cfg.irft_stages)
     triples = list(zip(prompts, demonstrations, run.sample(policy, prompts, f"irft{t}")))
     # 2. the frozen reference
     ref = frozen_copy(policy)
@@ -363,6 +395,28 @@ def majority_vote(text_ids, n, generator, draws=256):
 def kl_bound(n):
     """KL(pi_BoN || pi_sft) <= log n - (n - 1) / n."""
     return math.log(n) - (n - 1) / n
+
+
+# ----------------------------------------------------------------------------------------
+# 10. AVA's direct optimisation
+
+def ava_d_direct(pi_sft, run, cfg):
+    """AVA-d's direct optimisation (arXiv 2411.09341, "AVA pipelines"; METHOD.md section 10): the
+    policy is the Boltzmann policy of AVA's Q model, whose Q head is the policy's own LM head,
+    Q(s, .) = log softmax(alpha z(s)). From pi_sft, the Q model (the policy) and a fresh reward
+    head are trained jointly on the AVA-d objective over the demonstrations:
+
+        for step in range(pg_steps):
+            AdamW step of (pi, reward head) on reward.ava_d_loss(a batch of demonstrations)
+
+    Returns the trunk: with alpha * beta = 1 the Boltzmann policy softmax(beta Q) = softmax(z) is it.
+    """
+    model = AVARewardModel.from_policy(pi_sft).to(next(pi_sft.parameters()).device)
+    run.train(model, "policy_ava_d_direct",
+              lambda m, batch: ava_d_loss(m, batch[0], batch[1], cfg.ava_lambda, cfg.ava_gamma, cfg.ava_alpha,
+                                          cfg.ava_beta),
+              run.demonstration_batches("ava_d_direct"), cfg.pg_steps, cfg.pg_lr)
+    return model.trunk
 
 
 # ----------------------------------------------------------------------------------------

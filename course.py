@@ -48,6 +48,8 @@ OBJECTIVES = {
     "reward.gaussian_kl_to_prior": 10,
     "reward.gaussian_logpdf": 10,
     "reward.td_differences": 10,
+    "reward.reward_weights": 10,
+    "reward.contrastive_expected_return": 10,
     "reward.ava_token_objective": 10,
     "afd.kl_estimate": 11,
 }

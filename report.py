@@ -80,7 +80,7 @@ def curve_names(config):
     """The training runs of each trained method of a run's config, in order (their
     <name>.curve.jsonl files)."""
     runs = {"afd_adversarial": ["policy_afd_adversarial"], "rl_init_sft": ["policy_rl_init_sft"],
-            "rl_ava_d": ["policy_rl_ava_d"],
+            "rl_ava_d": ["policy_rl_ava_d"], "ava_d_direct": ["policy_ava_d_direct"],
             "irl_iterated": [f"policy_irl_iterated_round{k}" for k in range(config["irl_rounds"])],
             "irft": [f"policy_irft_stage{t}" for t in range(config["irft_stages"])]}
     return {m: runs[m] for m in config["methods"].split(",") if m in runs}

@@ -9,6 +9,7 @@ token. Its training data decides what it is:
 | init_sft  | y ~ pi_init(.|x)     | y ~ pi_sft(.|x)      | afd.discriminator_loss         |
 | init_demo | y ~ pi_init(.|x)     | demonstrations y^E   | afd.discriminator_loss         |
 | sft_demo  | y ~ pi_sft(.|x)      | demonstrations y^E   | afd.discriminator_loss         |
+(the three tailored models: both classes on the same demonstration prompts x, afd.tailored_triples)
 | pref      | rejected response    | chosen response      | pairwise_loss (Bradley-Terry)  |
 | logratio  | -                    | -                    | none: log pi_sft - log pi_init |
 | ava_d     | -                    | demonstrations y^E   | ava_d_loss (METHOD.md sec. 10) |
@@ -28,12 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import make_batch
-from model import GPT, frozen_copy, masked_mean, sequence_logprob
+from model import GPT, SharedPrompts, frozen_copy, masked_mean, sequence_logprob
 
-POINTWISE = {"init_sft": ("init", "sft"), "init_demo": ("init", "demo"),
-             "sft_demo": ("sft", "demo")}  # name -> (negatives, positives)
 RM_NAMES = ["init_sft", "init_demo", "sft_demo", "pref", "logratio", "ava_d", "ava_p"]
 AVA = ("ava_d", "ava_p")
+# how each AVA reward model ranks responses: AVA-p by the last timestep's expected reward, what its
+# contrast (CER, Eq. 18) trains; AVA-d, which has no contrast, by its expected return (Eq. 19), the
+# quantity its objective learns (METHOD.md section 10: on the toy of tests/test_reward.py the last
+# timestep's reward ranked demonstrations first for 21-71% of prompts, the sum for 94-96%)
+AVA_RANKING = {"ava_d": "sum", "ava_p": "last"}
 
 
 class RewardModel(nn.Module):
@@ -91,63 +95,75 @@ class LogRatioReward(nn.Module):
 
 
 class AVARewardModel(nn.Module):
-    """AVA's reward model (METHOD.md section 10): a GPT trunk with two heads, both read from
-    the hidden state h_t of state s_t = (x, y_<=t) and indexed by the response token y_{t+1}.
+    """AVA's TQR model (arXiv 2411.09341, METHOD.md section 10): a GPT trunk with a Q head and a
+    reward head, both read at the hidden state h_t of state s_t = (x, y_<=t) and indexed by the
+    taken token y_{t+1}, and reward weights w_t from the trunk's last attention (Eq. 11).
 
-    - reward head: (mu_t, log sigma_t) of q(R_t) = N(mu_t, sigma_t^2), the posterior over the
-      reward of taking y_{t+1} in s_t. It outputs a (mean, log-std) pair for every token of the
-      vocabulary and keeps the taken token's, as AVRIL's state-action reward does.
-      Zero-initialised, so every q(R_t) starts at the prior N(0, 1).
-    - Q head: Q(s_t, .) over the vocabulary, an untied copy of the LM head (so at the start
-      softmax(Q) is the policy the trunk came from).
+    - Q head: the trunk's own LM head, z_t = lm_head(h_t); Q(s_t, .) = log softmax(alpha z_t)
+      (Eq. 12: the Q-values of a pre-trained LLM policy), so the Boltzmann policy of Q with
+      beta = 1 / alpha is the trunk itself: AVA's direct optimisation trains that policy.
+    - reward head: (mu, log sigma) of the reward of taking y_{t+1} in s_t, one row for every
+      vocabulary token, the taken token's kept (a state-action head as in AVRIL; the paper's
+      Eq. 9 reads one (mu, sigma) per state: see METHOD.md section 10's table). Zero-initialised,
+      so every q(R_t) starts at the prior N(0, 1) before the weights.
+    - weights (Eq. 11): the reward distribution at t is that of w_t R_t, N(w_t mu_t, (w_t sigma_t)^2),
+      and the Q-values in the Bellman term are w_t Q(s_t, .).
     Positions follow data.make_batch: targets[b, t] = y_{t+1} on response tokens, -100 elsewhere.
-    (Why a row per token rather than one (mu, log sigma) per position: see the README's AVA notes.)
+    A SharedPrompts batch (model.score_pairs) is turned back into full rows first: the weights need
+    the attention of every row of the sequence.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, ranking="last"):
         super().__init__()
-        self.config = config
+        self.config, self.ranking = config, ranking  # the read-out that scores a response (AVA_RANKING)
         self.trunk = GPT(config)
         self.reward_head = nn.Linear(config.n_embd, 2 * config.vocab_size)  # (mu, log sigma) per token
-        self.q_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         nn.init.zeros_(self.reward_head.weight)
         nn.init.zeros_(self.reward_head.bias)
 
     @classmethod
-    def from_policy(cls, policy):
-        """Trunk and Q head start from a policy (the Q head from its LM head)."""
-        model = cls(policy.config)
+    def from_policy(cls, policy, ranking="last"):
+        """The trunk, and with it the Q head (its LM head), starts from a policy."""
+        model = cls(policy.config, ranking)
         model.trunk.load_state_dict(policy.state_dict())
-        with torch.no_grad():
-            model.q_head.weight.copy_(policy.lm_head.weight)
         return model
 
-    def forward(self, idx, targets, last=None, per_token=False):
-        """The sequence reward sum_t mu_t: (B,). With per_token=True, the heads at every response
-        position t (mask = targets != -100), each (B, T) float32: mu_t, log sigma_t,
-        Q(s_t, y_{t+1}), log softmax(Q(s_t, .))[y_{t+1}]; 0 off the mask. (Both go through
+    def forward(self, idx, targets, last=None, readout=None, alpha=1.0):
+        """readout (default: self.ranking, the one that ranks responses: Best-of-N, accuracies)
+        "last": the expected reward of the whole sequence, w_T mu_T at its last token, (B,): what
+        AVA-p's contrast (Eq. 18) trains; "sum": sum_t w_t mu_t, (B,): the expected return of Eq. 19;
+        "heads": the per-position terms (B, T) each, 0 off the mask: w_t mu_t, log(w_t sigma_t),
+        w_t Q(s_t, y_{t+1}), Q(s_t, y_{t+1}) = log softmax(alpha z_t)[y_{t+1}]. (Each goes through
         forward, so that DistributedDataParallel sees the training call.)"""
-        heads = self.heads(idx, targets)
-        return heads if per_token else heads[0].sum(dim=1)
+        if isinstance(idx, SharedPrompts):
+            idx, targets, last = full_rows(idx)
+        mu, log_sigma, q_weighted, q_taken = heads = self.heads(idx, targets, alpha)
+        readout = readout or self.ranking
+        if readout == "heads":
+            return heads
+        if readout == "sum":
+            return mu.sum(dim=1)
+        return mu.gather(1, last_response_position(targets).unsqueeze(1)).squeeze(1)
 
-    def heads(self, idx, targets):
-        h = self.trunk.hidden(idx)                                   # (B, T, C)
+    def heads(self, idx, targets, alpha):
+        h, attention = hidden_and_attention(self.trunk, idx)        # (B, T, C), (B, T, T)
         mask = targets != -100
+        w = reward_weights(attention, mask_of_rows(idx, targets))  # (B, T)
         y = targets.clamp(min=0)                                     # (B, T) the taken tokens
-        q = self.q_head(h).float()                                   # (B, T, V)
+        q = F.log_softmax(alpha * self.trunk.lm_head(h).float(), dim=-1)  # (B, T, V) Eq. 12
         q_taken = q.gather(-1, y.unsqueeze(-1)).squeeze(-1)          # (B, T)
-        logp_taken = q_taken - torch.logsumexp(q, dim=-1)            # (B, T)
-        w = self.reward_head.weight.view(2, -1, h.shape[-1])         # (2, V, C): mean, log-std rows
-        b = self.reward_head.bias.view(2, -1, 1)                     # (2, V, 1)
+        rows = self.reward_head.weight.view(2, -1, h.shape[-1])      # (2, V, C): mean, log-std rows
+        bias = self.reward_head.bias.view(2, -1, 1)                  # (2, V, 1)
         # only the taken tokens' rows, gathered by F.embedding: its CPU backward is deterministic,
-        # that of indexing (w[0][y]) sums repeated rows in a thread-dependent order
-        mu, log_sigma = (((h * F.embedding(y, w[i])).sum(-1) + F.embedding(y, b[i]).squeeze(-1)).float()
+        # that of indexing (rows[0][y]) sums repeated rows in a thread-dependent order
+        mu, log_sigma = (((h * F.embedding(y, rows[i])).sum(-1) + F.embedding(y, bias[i]).squeeze(-1)).float()
                          for i in (0, 1))                            # (B, T) each
-        return [v.masked_fill(~mask, 0.0) for v in (mu, log_sigma, q_taken, logp_taken)]
+        weighted = (w * mu, torch.log(w.clamp(min=1e-30)) + log_sigma, w * q_taken)  # clamp: w = 0 at pads
+        return [v.masked_fill(~mask, 0.0) for v in (*weighted, q_taken)]
 
     def token_rewards(self, idx, targets):
-        """(mu, sigma), each (B, T): the per-token reward posterior (0 and 1 off the mask)."""
-        mu, log_sigma, _, _ = self(idx, targets, per_token=True)
+        """(mu, sigma), each (B, T): the per-token (weighted) reward posterior (0 and 1 off the mask)."""
+        mu, log_sigma, _, _ = self(idx, targets, readout="heads")
         return mu, log_sigma.exp()
 
     @torch.no_grad()
@@ -159,6 +175,69 @@ class AVARewardModel(nn.Module):
         at = (targets[0] != -100).nonzero().squeeze(1)
         return {"sequence_reward": float(mu.sum()),
                 "tokens": [(decode([int(targets[0, t])]), float(mu[0, t]), float(sigma[0, t])) for t in at]}
+
+
+class ExpectedReturn(nn.Module):
+    """r(x, y) = sum_t E[w_t R_t] of an AVA model (Eq. 19): the reward AVA's RL maximises."""
+
+    def __init__(self, ava):
+        super().__init__()
+        self.ava = ava
+
+    def forward(self, idx, targets, last=None):
+        return self.ava(idx, targets, last, readout="sum")
+
+
+def hidden_and_attention(gpt, idx):
+    """The trunk's final hidden states (B, T, C) and its last block's causal attention
+    probabilities, averaged over the heads, (B, T, T): row i holds what position i attends to."""
+    block, seen = gpt.transformer.h[-1], {}
+    hook = block.register_forward_pre_hook(lambda module, inputs: seen.update(x=inputs[0]))
+    try:
+        h = gpt.hidden(idx)                                          # (B, T, C)
+    finally:
+        hook.remove()
+    x = block.ln_1(seen["x"])                                        # the last block's attention input
+    B, T, C = x.shape
+    q, k, _ = block.attn.c_attn(x).split(C, dim=2)                   # (B, T, C) each
+    q, k = (t.view(B, T, block.attn.n_head, -1).transpose(1, 2).float() for t in (q, k))  # (B, nh, T, hd)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))         # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return h, scores.masked_fill(~causal, float("-inf")).softmax(dim=-1).mean(dim=1)
+
+
+def mask_of_rows(idx, targets):
+    """(B, T) True at each row's real positions, prompt and response: up to its last response token.
+    (make_batch's rows are right-padded; targets == -100 from the last token on.)"""
+    last = last_response_position(targets) + 1                       # (B,) the last token's position
+    return torch.arange(idx.size(1), device=idx.device)[None, :] <= last[:, None]
+
+
+def last_response_position(targets):
+    """(B,) the position that predicts each row's last response token (0 if it has none)."""
+    positions = torch.arange(targets.size(1), device=targets.device).expand_as(targets)
+    return torch.where(targets != -100, positions, 0).max(dim=1).values
+
+
+def full_rows(batch):
+    """A model.SharedPrompts batch as data.make_batch's rows (idx, targets, last)."""
+    n = batch.responses.size(0) // batch.prompts.size(0)
+    prompts = [p[real].tolist() for p, real in zip(batch.prompts, batch.real) for _ in range(n)]
+    responses = [row[:k].tolist() for row, k in zip(batch.responses, batch.lengths.tolist())]
+    return make_batch(prompts, responses, 0, batch.prompts.device)
+
+
+def reward_weights(attention, rows):
+    """AVA's reward weights (Eq. 11), from attention probabilities (B, T, T) (row i: what query i
+    attends to) and rows (B, T), True at each sequence's |y| real positions:
+
+    w_t = 1/|y| sum_{i=1..|y|} softmax_t'(q_i . k_t' / sqrt(d))_t,
+    the attention position t receives, averaged over the sequence's queries: sum_t w_t = 1.
+    Returns (B, T); 0 at padding.
+    """
+    rows = rows.to(attention.dtype)                                  # (B, T)
+    received = (attention * rows[:, :, None]).sum(dim=1)              # (B, T): summed over real queries
+    return received / rows.sum(dim=1, keepdim=True).clamp(min=1) * rows
 
 
 def gaussian_kl_to_prior(mu, log_sigma):
@@ -178,38 +257,49 @@ def td_differences(q_taken, mask, gamma):
     return q_taken - gamma * q_next
 
 
-def ava_token_objective(model, idx, targets, lam, gamma):
-    """AVA's per-token ELBO (METHOD.md section 10), to be maximised, and the sequence reward:
+def ava_token_objective(model, idx, targets, lam, gamma, alpha, beta):
+    """AVA's per-token objective (METHOD.md section 10; Eq. 13-14), to be maximised, in two parts:
 
-    log softmax(Q(s_t, .))[y_{t+1}] - KL(N(mu_t, sigma_t^2) || N(0,1))
-        + lam * log N(Q(s_t, y_{t+1}) - gamma Q(s_{t+1}, y_{t+2}); mu_t, sigma_t^2)
-    (policy likelihood, prior, Bellman consistency). Returns (objective (B, T), 0 off the
-    mask; mask (B, T); sum_t mu_t (B,)).
+    likelihood_t = beta * Q(s_t, y_{t+1}),  Q(s_t, .) = log softmax(alpha z_t)   (Eq. 12)
+    bayes_t      = -KL(N(w_t mu_t, (w_t sigma_t)^2) || N(0, 1))
+                   + lam * log N(w_t Q(s_t, y_{t+1}) - gamma w_{t+1} Q(s_{t+1}, y_{t+2});
+                             w_t mu_t, (w_t sigma_t)^2)
+    (policy likelihood; prior and Bellman consistency, on the weighted reward). Returns
+    (likelihood (B, T), bayes (B, T), both 0 off the mask; mask (B, T); w_t mu_t (B, T)).
     """
-    mu, log_sigma, q_taken, logp_taken = model(idx, targets, per_token=True)
+    mu, log_sigma, q_weighted, q_taken = model(idx, targets, readout="heads", alpha=alpha)
     mask = targets != -100
-    td = td_differences(q_taken, mask, gamma)
-    objective = (logp_taken - gaussian_kl_to_prior(mu, log_sigma)
-                 + lam * gaussian_logpdf(td, mu, log_sigma)).masked_fill(~mask, 0.0)
-    return objective, mask, mu.sum(dim=1)
+    td = td_differences(q_weighted, mask, gamma)
+    bayes = -gaussian_kl_to_prior(mu, log_sigma) + lam * gaussian_logpdf(td, mu, log_sigma)
+    return (beta * q_taken).masked_fill(~mask, 0.0), bayes.masked_fill(~mask, 0.0), mask, mu
 
 
-def ava_d_loss(model, idx, targets, lam, gamma):
-    """AVA-d (demonstrations only): minus the per-token ELBO, a mean over demonstration tokens."""
-    objective, mask, _ = ava_token_objective(model, idx, targets, lam, gamma)
-    return -masked_mean(objective, mask)
+def contrastive_expected_return(r_chosen, r_rejected):
+    """AVA-p's contrast (CER, Eq. 18), to be maximised: the expected reward at the last timestep
+    of the chosen response above the rejected one's, F_c = mean sigma(E[R | y+] - E[R | y-])
+    (sigma itself, as the paper writes it; Bradley-Terry's log sigma is not this)."""
+    return torch.sigmoid(r_chosen - r_rejected).mean()
 
 
-def ava_p_loss(model, idx, targets, lam, gamma):
-    """AVA-p (preference pairs; rows: the B chosen responses, then their B rejected ones):
+def ava_d_loss(model, idx, targets, lam, gamma, alpha=1.0, beta=1.0):
+    """AVA-d (Eq. 13), on demonstrations: minus the per-token objective, a mean over their tokens."""
+    likelihood, bayes, mask, _ = ava_token_objective(model, idx, targets, lam, gamma, alpha, beta)
+    return -masked_mean(likelihood + bayes, mask)
 
-    L = -mean_{chosen tokens} ELBO_t - E log sigma(sum_t mu_t(y+) - sum_t mu_t(y-)).
-    The per-token ELBO is taken on the chosen responses, the demonstrations of this view; the
-    rejected ones enter only through the contrast.
+
+def ava_p_loss(model, idx, targets, lam, gamma, alpha=1.0, beta=1.0):
+    """AVA-p (Eq. 17) plus its contrast (Eq. 18), on rows of B chosen responses, then their B
+    rejected ones; the loss, -(F_p + F_c):
+
+    F_p = mean over the tokens of both: (+likelihood_t on y+, -likelihood_t on y-) + bayes_t
+    F_c = contrastive_expected_return(w_T mu_T(y+), w_T mu_T(y-)).
     """
-    objective, mask, reward = ava_token_objective(model, idx, targets, lam, gamma)
+    likelihood, bayes, mask, mu = ava_token_objective(model, idx, targets, lam, gamma, alpha, beta)
     B = idx.shape[0] // 2
-    return -masked_mean(objective[:B], mask[:B]) + bradley_terry_loss(reward[:B], reward[B:])
+    sign = torch.ones(2 * B, 1, device=likelihood.device)
+    sign[B:] = -1.0                                                  # lower the rejected responses' likelihood
+    r_last = mu.gather(1, last_response_position(targets).unsqueeze(1)).squeeze(1)  # (2B,) w_T mu_T
+    return -masked_mean(sign * likelihood + bayes, mask) - contrastive_expected_return(r_last[:B], r_last[B:])
 
 
 @torch.no_grad()

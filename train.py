@@ -33,7 +33,7 @@ import sys
 import time
 import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,7 +47,7 @@ import data
 from report import curve_summary, markdown_tables, write_report, write_text
 from model import (GPT, GPTConfig, WriteError, atomic_write, configure_optimizer, frozen_copy, generate, memory_bytes,
                    num_params, score_pairs, trainable_copy)
-from reward import (AVA, POINTWISE, RM_NAMES, AVARewardModel, LogRatioReward, RewardModel, ava_d_loss,
+from reward import (AVA, AVA_RANKING, RM_NAMES, AVARewardModel, ExpectedReturn, LogRatioReward, RewardModel, ava_d_loss,
                     ava_p_loss, heldout_accuracies, pairwise_accuracy, pairwise_loss)
 
 
@@ -100,6 +100,8 @@ class Config:
     rm_lr: float = opt(3e-4, "reward-model learning rate (also the iterated-IRL reward steps)")
     ava_lambda: float = opt(1.0, "AVA: weight of the Bellman-consistency term (AVRIL: 1)")
     ava_gamma: float = opt(1.0, "AVA: discount in the TD difference, in [0, 1] (AVRIL's code: 1)")
+    ava_alpha: float = opt(1.0, "AVA: temperature alpha of the Q-values, Q = log softmax(alpha * logits) (Eq. 12)")
+    ava_beta: float = opt(1.0, "AVA: weight beta of the policy likelihood (Eq. 13); ava_d_direct needs alpha*beta = 1")
     pg_steps: int = opt(60, "optimiser steps of each trained method (irl, irft: over all rounds)")
     pg_lr: float = opt(2e-4, "policy learning rate of the trained methods")
     pg_prompts: int = opt(8, "prompts per policy-gradient step")
@@ -109,12 +111,13 @@ class Config:
     beta_kl: float = opt(0.2, "per-token KL penalty to the reference policy")
     disc_lr: float = opt(3e-4, "afd_adversarial: the discriminator's learning rate")
     irl_rounds: int = opt(3, "irl_iterated: rounds of {sample, reward steps, policy steps}")
-    irl_rm_steps: int = opt(40, "irl_iterated: Bradley-Terry steps per round")
+    irl_rm_steps: int = opt(40, "irl_iterated: Bradley-Terry steps per round (a fresh reward model each round)")
+    irl_temperature: float = opt(0.01, "irl_iterated: temperature of the round's own samples (released code: 0.01)")
     irft_stages: int = opt(2, "irft: stages, each against the frozen model it starts from")
     irft_beta: float = opt(0.5, "irft: beta of the implicit reward beta log(pi / pi_t)")
     n_round_samples: int = opt(256, "demonstration prompts sampled per IRL round / IRFT stage")
     bon_n: int = opt(32, "N: Best-of-N candidates per evaluation prompt")
-    methods: str = opt("bon,afd_adversarial,irl_iterated,irft,rl_init_sft,rl_ava_d",
+    methods: str = opt("bon,afd_adversarial,irl_iterated,irft,rl_init_sft,rl_ava_d,ava_d_direct",
                        "what to run, comma-separated: bon (Best-of-N) and the trained methods")
     gold_rm_steps: int = opt(600, "--task=hh: Bradley-Terry steps of the gold reward model")
     gold_init_from: str = opt("", "--task=hh: the gold RM's trunk ('' = pi_init; e.g. gpt2-medium)")
@@ -152,9 +155,9 @@ STAGE_FIELDS = {
                  "weight_decay", "grad_clip", "warmup_steps", "pretrain_steps", "pretrain_lr", "bf16"],
     "sft": ["sft_steps", "sft_lr"],
     "sample": ["temperature", "top_k", "max_new_tokens", "n_rm_samples", "sample_rows"],
-    "rm": ["rm_steps", "rm_lr", "ava_lambda", "ava_gamma"],
+    "rm": ["rm_steps", "rm_lr", "ava_lambda", "ava_gamma", "ava_alpha", "ava_beta"],
     "policy": ["pg_steps", "pg_lr", "pg_prompts", "pg_group", "pg_shared_prompts", "beta_kl", "disc_lr", "irl_rounds",
-               "irl_rm_steps", "irft_stages", "irft_beta", "n_round_samples"],
+               "irl_rm_steps", "irl_temperature", "irft_stages", "irft_beta", "n_round_samples"],
     "evaluate": ["bon_n", "methods", "gold_rm_steps", "gold_init_from"],
 }
 STAGE_HELP = {"run": "the run (no effect on results)", "task": "1. the task", "pretrain": "2. pi_init: the model and its optimiser",
@@ -162,7 +165,7 @@ STAGE_HELP = {"run": "the run (no effect on results)", "task": "1. the task", "p
               "policy": "6. the trained methods (afd.py)", "evaluate": "7. evaluation"}
 # The one name of each method: the --methods value, the results row, the checkpoint stem
 # (policy_<name>*.pt); `bon` is the Best-of-N evaluation. rl_<rm>: RL on reward model <rm>.
-METHODS = ["bon", "afd_adversarial", "irl_iterated", "irft", "rl_init_sft", "rl_ava_d"]
+METHODS = ["bon", "afd_adversarial", "irl_iterated", "irft", "rl_init_sft", "rl_ava_d", "ava_d_direct"]
 
 
 def die(msg, status=2):
@@ -237,8 +240,11 @@ FLOAT_RANGES = {
     "weight_decay": (lambda v: v >= 0, "at least 0"),
     "grad_clip": (lambda v: v > 0, "positive"),
     "temperature": (lambda v: v >= 0, "at least 0 (0 = greedy)"),
+    "irl_temperature": (lambda v: v >= 0, "at least 0 (0 = greedy)"),
     "ava_lambda": (lambda v: v >= 0, "at least 0"),
     "ava_gamma": (lambda v: 0 <= v <= 1, "a discount, in [0, 1]"),
+    "ava_alpha": (lambda v: v > 0, "positive"),
+    "ava_beta": (lambda v: v > 0, "positive"),
     "beta_kl": (lambda v: v >= 0, "at least 0"),
     "irft_beta": (lambda v: v > 0, "positive"),
     **{lr: (lambda v: v > 0, "a positive learning rate")
@@ -276,6 +282,9 @@ def validate(cfg):
         close = difflib.get_close_matches(unknown[0], METHODS, n=1)
         die(f"--methods: unknown {unknown[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
             + f"; choose from {','.join(METHODS)}")
+    if "ava_d_direct" in methods_of(cfg) and abs(cfg.ava_alpha * cfg.ava_beta - 1) > 1e-9:
+        die(f"--methods=ava_d_direct samples its Boltzmann policy softmax(beta * Q) as the GPT itself, which needs "
+            f"--ava_alpha x --ava_beta = 1 (here {cfg.ava_alpha} x {cfg.ava_beta}); change one, or drop ava_d_direct")
     if cfg.task == "hh" and not cfg.data_dir:
         die("--task=hh needs --data_dir=DIR, the folder holding harmless-base/ and helpful-base/ "
             "(see the README: getting HH-RLHF)")
@@ -422,11 +431,12 @@ STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain"]
 OUTPUT_ONLY = {"train.log", "train.die", "train.progress", "train.not_finite", "train.timed"}
 # Within a stage, each reward model and each method is stamped with its own code only (the
 # others' entry points are left out), so that an edited IRFT loss retrains IRFT, not the rest.
-UNIT_CODE = {"rm": {"init_sft": "afd.discriminator_loss", "init_demo": "afd.discriminator_loss",
-                    "sft_demo": "afd.discriminator_loss", "pref": "reward.pairwise_loss",
+UNIT_CODE = {"rm": {"init_sft": "afd.discriminator_batch_loss", "init_demo": "afd.discriminator_batch_loss",
+                    "sft_demo": "afd.discriminator_batch_loss", "pref": "reward.pairwise_loss",
                     "ava_d": "reward.ava_d_loss", "ava_p": "reward.ava_p_loss"},
              "policy": {"afd_adversarial": "afd.afd_adversarial", "irl_iterated": "afd.irl_iterated",
-                        "irft": "afd.irft", "rl_init_sft": "afd.rl_on_reward", "rl_ava_d": "afd.rl_on_reward"}}
+                        "irft": "afd.irft", "rl_init_sft": "afd.rl_on_reward", "rl_ava_d": "afd.rl_on_reward",
+                        "ava_d_direct": "afd.ava_d_direct"}}
 
 
 @lru_cache(maxsize=None)
@@ -737,15 +747,23 @@ class Run:
         said(name, f"{did}: {curve_summary(curve)}")
         return curve
 
-    def demonstrations(self, label):
-        """n_round_samples demonstration prompts drawn without replacement, and their responses."""
+    def demonstrations(self, label, part=0, parts=1):
+        """n_round_samples demonstration prompts drawn without replacement, and their responses.
+        With parts > 1, the part-th of `parts` disjoint slices of one random order of the
+        demonstrations (each of min(n_round_samples, n_demo // parts) prompts)."""
         rng = random.Random(f"{self.cfg.seed}/{label}/prompts")
-        indices = rng.sample(range(len(self.demos)), min(self.cfg.n_round_samples, len(self.demos)))
+        size = min(self.cfg.n_round_samples, len(self.demos) // parts)
+        indices = rng.sample(range(len(self.demos)), size * parts)[part * size:(part + 1) * size]
         return [self.demos[i][0] for i in indices], [self.demos[i][1] for i in indices]
 
-    def sample(self, policy, prompts, label):
-        """One response per prompt."""
-        return sample(policy, prompts, 1, self.cfg, self.vocab, stable_seed(self.cfg.seed, label), f"sample {label}")
+    def sample(self, policy, prompts, label, temperature=None):
+        """One response per prompt, at --temperature unless another is given."""
+        cfg = self.cfg if temperature is None else replace(self.cfg, temperature=temperature)
+        return sample(policy, prompts, 1, cfg, self.vocab, stable_seed(self.cfg.seed, label), f"sample {label}")
+
+    def demonstration_batches(self, label):
+        """batch_at(step) -> a batch of demonstrations (data.make_batch), grouped by length."""
+        return batch_sampler(self.demos, self.cfg, self.vocab, label)
 
     def policy_batches(self, label):
         """batch_at(step) -> afd.PolicyBatch: pg_prompts demonstration prompts (this rank's share)."""
@@ -957,50 +975,48 @@ def stage_sft(cfg, vocab, splits, pi_init):
 
 @timed("sample")
 def stage_sample(cfg, vocab, splits, pi_init, pi_sft):
-    """pi_init and pi_sft samples on the RM prompts (training) and held-out prompts."""
+    """pi_init and pi_sft samples on n_rm demonstration prompts (the tailored reward models'
+    training data, beside those prompts' demonstrations) and on the held-out prompts."""
     stage_cfg = stage_config(cfg, "sample")
     path = os.path.join(cfg.out_dir, "samples.pt")
     state = saved_result(path, stage_cfg, "sample")
     if state is not None:
         said("sample", f"loaded {path} (up to date)")
         return state["samples"]
-    k, prompts = cfg.n_rm_samples, splits["rm_prompts"]
+    k, demos = cfg.n_rm_samples, splits["demos"]
+    picked = random.Random(f"{cfg.seed}/tailored_rm_prompts").sample(range(len(demos)), min(cfg.n_rm, len(demos)))
+    prompts = [demos[i][0] for i in picked]
     heldout_prompts = [row[0] for row in splits["heldout"]]
-    samples = {"rm_prompts": [p for p in prompts for _ in range(k)],
+    samples = {"prompts": prompts, "demos": [demos[i][1] for i in picked],
                "init": sample(pi_init, prompts, k, cfg, vocab, cfg.seed + 1, "sample pi_init"),
                "sft": sample(pi_sft, prompts, k, cfg, vocab, cfg.seed + 2, "sample pi_sft"),
                "heldout_init": sample(pi_init, heldout_prompts, 1, cfg, vocab, cfg.seed + 3, "sample pi_init"),
                "heldout_sft": sample(pi_sft, heldout_prompts, 2, cfg, vocab, cfg.seed + 4, "sample pi_sft")}
     save_atomic({"samples": samples, "stage_config": stage_cfg}, path)
-    said("sample", f"sampled {len(samples['init'])} pi_init and {len(samples['sft'])} pi_sft responses on RM "
-                   f"prompts, {len(samples['heldout_sft'])} pi_sft on held-out prompts")
+    said("sample", f"sampled {len(samples['init'])} pi_init and {len(samples['sft'])} pi_sft responses on "
+                   f"{len(prompts)} demonstration prompts, {len(samples['heldout_sft'])} pi_sft on held-out prompts")
     return samples
 
 
 def train_reward_model(name, cfg, vocab, splits, samples, pi_init):
     """One reward model of reward.RM_NAMES, its trunk from pi_init, trained on its own data
     (the table in reward.py, METHOD.md section 6)."""
-    rm = (AVARewardModel if name in AVA else RewardModel).from_policy(pi_init).to(cfg.device)
+    rm = (AVARewardModel.from_policy(pi_init, AVA_RANKING[name]) if name in AVA else
+          RewardModel.from_policy(pi_init)).to(cfg.device)
     run = Run(cfg, vocab, splits, stage_config(cfg, "rm", unit=name))
     if name == "ava_d":  # demonstrations only
-        loss_of_batch = lambda model, b: ava_d_loss(model, b[0], b[1], cfg.ava_lambda, cfg.ava_gamma)
+        loss_of_batch = lambda model, b: ava_d_loss(model, b[0], b[1], cfg.ava_lambda, cfg.ava_gamma, cfg.ava_alpha,
+                                                    cfg.ava_beta)
         batch_at = batch_sampler(splits["demos"], cfg, vocab, f"rm_{name}")
     elif name == "ava_p":  # chosen, then rejected
-        loss_of_batch = lambda model, b: ava_p_loss(model, b[0], b[1], cfg.ava_lambda, cfg.ava_gamma)
+        loss_of_batch = lambda model, b: ava_p_loss(model, b[0], b[1], cfg.ava_lambda, cfg.ava_gamma, cfg.ava_alpha,
+                                                    cfg.ava_beta)
         batch_at = run.triple_batches(splits["pref"], f"rm_{name}")
     elif name == "pref":
         loss_of_batch, batch_at = pairwise_loss, run.triple_batches(splits["pref"], f"rm_{name}")
-    else:  # a classifier: half a batch of positives, then half of negatives
-        negatives, positives = POINTWISE[name]
-        source = {"init": list(zip(samples["rm_prompts"], samples["init"])),
-                  "sft": list(zip(samples["rm_prompts"], samples["sft"])), "demo": splits["demos"]}
-        half = cfg.batch_size // WORLD // 2
-        rows_at = row_sampler([source[positives], source[negatives]], half, cfg, f"rm_{name}")
-        batch_at = lambda step: pairs_batch(rows_at(step), cfg, vocab)
-
-        def loss_of_batch(model, batch):
-            r = model(*batch)
-            return afd.discriminator_loss(r[:half], r[half:])
+    else:  # a tailored classifier: positives, then negatives, on the same prompts
+        triples = afd.tailored_triples(name, samples["prompts"], samples["demos"], samples["init"], samples["sft"])
+        loss_of_batch, batch_at = afd.discriminator_batch_loss, run.triple_batches(triples, f"rm_{name}")
     run.train(rm, f"rm_{name}", loss_of_batch, batch_at, cfg.rm_steps, cfg.rm_lr)
     return rm
 
@@ -1074,10 +1090,15 @@ def train_method(method, cfg, vocab, splits, pi_init, pi_sft, reward_models):
     if method == "afd_adversarial":
         return afd.afd_adversarial(pi_init, pi_sft, run, cfg)
     if method == "irl_iterated":
-        return afd.irl_iterated(pi_init, pi_sft, run, cfg)
+        return afd.irl_iterated(pi_sft, run, cfg)
     if method == "irft":
         return afd.irft(pi_sft, run, cfg)
-    return afd.rl_on_reward(method, pi_sft, reward_models[method[3:]], run, cfg)  # rl_<rm>: RL on reward model <rm>
+    if method == "ava_d_direct":
+        return afd.ava_d_direct(pi_sft, run, cfg)
+    reward_model = reward_models[method[3:]]  # rl_<rm>: RL on reward model <rm>
+    if isinstance(reward_model, AVARewardModel):  # AVA's RL reward: the expected return sum_t E[R_t] (Eq. 19)
+        reward_model = ExpectedReturn(reward_model)
+    return afd.rl_on_reward(method, pi_sft, reward_model, run, cfg)
 
 
 def golden_parts(prompts, responses, cfg, P, N):

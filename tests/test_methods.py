@@ -173,18 +173,122 @@ def test_rl_step_on_a_reward_for_one_token_makes_it_more_likely(tiny_gpt):
 @pytest.mark.slow
 def test_irl_round_aggregates_demonstration_triples_and_trains_both_models(tiny_gpt, tmp_path):
     run = tiny_run(tmp_path)
-    pi = tiny_gpt()
-    policy, rm = trainable_copy(pi), RewardModel.from_policy(pi)
-    policy_before, rm_before = snapshot(policy), snapshot(rm)
+    pi_sft = tiny_gpt()
+    policy = trainable_copy(pi_sft)
+    policy_before = snapshot(policy)
     demo_of = {tuple(p): r for p, r in DEMOS}
-    triples = afd.irl_round(0, policy, rm, [], run, run.cfg)
+    triples = afd.irl_round(0, pi_sft, policy, [], run, run.cfg)
     assert len(triples) == run.cfg.n_round_samples
     assert all(demo == demo_of[tuple(prompt)] and len(own) <= run.cfg.max_new_tokens for prompt, demo, own in triples)
     assert (tmp_path / "rm_irl_iterated_round0.pt").exists() and (tmp_path / "policy_irl_iterated_round0.pt").exists()
-    assert changed(rm_before, rm) and changed(policy_before, policy)
-    more = afd.irl_round(1, policy, rm, triples, run, run.cfg)
+    assert changed(policy_before, policy)
+    more = afd.irl_round(1, pi_sft, policy, triples, run, run.cfg)
     assert more[:len(triples)] == triples and len(more) == len(triples) + run.cfg.n_round_samples
     assert all(demo == demo_of[tuple(prompt)] for prompt, demo, _ in more)
+
+
+class RecordingRun:
+    """A stand-in for train.Run that trains nothing and records what a method asks of it."""
+
+    def __init__(self, demos):
+        self.demos, self.calls = demos, []
+
+    def demonstrations(self, label, part=0, parts=1):
+        self.calls.append(("demonstrations", label, part, parts))
+        chosen = self.demos[part::parts]
+        return [p for p, _ in chosen], [r for _, r in chosen]
+
+    def sample(self, policy, prompts, label, temperature=None):
+        self.calls.append(("sample", label, temperature))
+        return [[7, EOS] for _ in prompts]
+
+    def triple_batches(self, triples, label):
+        self.calls.append(("triples", label, list(triples)))
+        return None
+
+    def policy_batches(self, label):
+        return None
+
+    def train(self, model, name, loss_of_batch, batch_at, steps, lr):
+        self.calls.append(("train", name, model, snapshot(model)))
+
+
+def test_irl_round_trains_a_fresh_reward_model_from_pi_sft_on_all_pairs_sampled_near_greedily(tiny_gpt):
+    """2503.13538's released pipeline: each round samples at temperature 0.01, and trains a new reward
+    model from the SFT model on the pairs of every round so far."""
+    pi_sft, cfg = tiny_gpt(seed=0), train.Config(irl_rounds=2, pg_steps=4)
+    policy = trainable_copy(tiny_gpt(seed=5))  # pi_k differs from pi_sft
+    run = RecordingRun(DEMOS)
+    triples = afd.irl_round(0, pi_sft, policy, [], run, cfg)
+    afd.irl_round(1, pi_sft, policy, triples, run, cfg)
+    assert [c[2] for c in run.calls if c[0] == "sample"] == [cfg.irl_temperature] * 2 and cfg.irl_temperature == 0.01
+    pairs = [c[2] for c in run.calls if c[0] == "triples"]
+    assert len(pairs[1]) == 2 * len(pairs[0]) == 2 * len(DEMOS) and pairs[1][:len(DEMOS)] == pairs[0]
+    reward_models = [c for c in run.calls if c[0] == "train" and c[1].startswith("rm_")]
+    assert [c[1] for c in reward_models] == ["rm_irl_iterated_round0", "rm_irl_iterated_round1"]
+    assert reward_models[0][2] is not reward_models[1][2]  # a new reward model each round
+    for _, _, rm, start in reward_models:  # each starts from pi_sft's trunk, with a zero head
+        assert isinstance(rm, RewardModel)
+        assert all(torch.equal(start[f"trunk.{k}"], v) for k, v in pi_sft.state_dict().items())
+        assert start["head.weight"].abs().sum() == 0
+
+
+def test_irft_stages_sample_on_disjoint_slices_of_the_demonstrations(tiny_gpt, tmp_path):
+    run = tiny_run(tmp_path, n_round_samples=2)
+    slices = [run.demonstrations("irft", part=t, parts=2) for t in range(2)]
+    assert all(len(prompts) == 2 for prompts, _ in slices)  # min(n_round_samples, 5 // 2)
+    assert not {tuple(p) for p in slices[0][0]} & {tuple(p) for p in slices[1][0]}
+    demo_of = {tuple(p): r for p, r in DEMOS}
+    assert all(demo_of[tuple(p)] == r for prompts, demos in slices for p, r in zip(prompts, demos))
+    recording = RecordingRun(DEMOS)
+    for t in range(2):
+        afd.irft_stage(t, trainable_copy(tiny_gpt()), recording, train.Config(irft_stages=2))
+    assert [c[1:] for c in recording.calls if c[0] == "demonstrations"] == [("irft", 0, 2), ("irft", 1, 2)]
+
+
+def test_tailored_batches_put_each_models_positives_first_on_the_same_prompts():
+    """The batch train.py builds for a tailored reward model (afd.tailored_triples through
+    train.triples_batch, as run.triple_batches does): B positives, then their B negatives, row b of each
+    half on the same prompt; a scorer that knows the classes gets a loss near 0 from
+    afd.discriminator_batch_loss, one that has them the wrong way round a large one."""
+    prompts, demos = [[1, 2], [3, 4, 5], [6]], [[1, EOS], [1, 1, EOS], [1, 2, EOS]]
+    init = [[3, EOS], [3, 4, EOS], [3, EOS], [3, 3, EOS], [3, 9, EOS], [3, EOS]]   # starts with 3
+    sft = [[2, EOS], [2, 2, EOS], [2, 5, EOS], [2, EOS], [2, 8, EOS], [2, 2, 2, EOS]]  # starts with 2
+    first_token = {"demo": 1, "sft": 2, "init": 3}
+    cfg = train.Config(device="cpu")
+    for name, (positives, negatives) in afd.TAILORED.items():
+        triples = afd.tailored_triples(name, prompts, demos, init, sft)
+        assert len(triples) == len(init) and [t[0] for t in triples] == [p for p in prompts for _ in range(2)]
+        idx, targets, last = batch = train.triples_batch(triples, cfg, VOCAB)
+        B = len(triples)
+        for b in range(B):
+            n = len(triples[b][0])
+            assert idx[b, :n].tolist() == idx[B + b, :n].tolist() == triples[b][0]  # the same prompt
+            assert idx[b, n] == first_token[positives] and idx[B + b, n] == first_token[negatives]
+
+        class Knows(torch.nn.Module):  # +10 on the positive class, -10 on the negative (sign -1: reversed)
+            def __init__(self, sign):
+                super().__init__()
+                self.sign = sign
+
+            def forward(self, idx, targets, last):
+                lengths = torch.tensor([len(t[0]) for t in triples] * 2)
+                first = idx[torch.arange(idx.shape[0]), lengths]
+                return self.sign * torch.where(first == first_token[positives], 10.0, -10.0)
+        assert afd.discriminator_batch_loss(Knows(1), batch) < 1e-3 < 10 < afd.discriminator_batch_loss(Knows(-1), batch)
+
+
+@pytest.mark.slow
+def test_ava_d_direct_trains_the_policy_and_the_reward_head(tiny_gpt, tmp_path):
+    run = tiny_run(tmp_path)
+    pi_sft = tiny_gpt()
+    policy = afd.ava_d_direct(pi_sft, run, run.cfg)
+    assert type(policy).__name__ == "GPT" and changed(snapshot(pi_sft), policy)
+    state = torch.load(tmp_path / "policy_ava_d_direct.pt", weights_only=True)
+    head = [v for k, v in state["model"].items() if k.startswith("reward_head")]
+    assert head and any(v.abs().sum() > 0 for v in head)  # the reward head trained beside the policy
+    curve = [json.loads(line) for line in (tmp_path / "policy_ava_d_direct.curve.jsonl").read_text().splitlines()]
+    assert len(curve) == run.cfg.pg_steps and all(math.isfinite(r["loss"]) for r in curve)
 
 
 @pytest.mark.slow
@@ -248,6 +352,7 @@ def test_a_misspelt_option_suggests_the_field(capsys):
     ("--methods=bon,adversarial", "--methods: unknown 'adversarial' (did you mean afd_adversarial?)"),
     ("--pref_noise_temp=0", "--pref_noise_temp=0.0 must be positive"),
     ("--ava_gamma=1.5", "--ava_gamma=1.5 must be a discount, in [0, 1]"),
+    ("--ava_alpha=2", "needs --ava_alpha x --ava_beta = 1 (here 2.0 x 1.0)"),
 ])
 def test_a_bad_value_is_one_line_before_any_work(run, tmp_path, option, message):
     out = tmp_path / "out"

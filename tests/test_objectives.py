@@ -379,7 +379,7 @@ def test_kl_bound_by_hand():
 
 # ----------------------------------------------------------------------------------------
 # 10. AVA: reward.gaussian_kl_to_prior, reward.gaussian_logpdf, reward.td_differences,
-#     reward.ava_token_objective
+#     reward.reward_weights, reward.contrastive_expected_return, reward.ava_token_objective
 
 @pytest.mark.objective("reward.gaussian_kl_to_prior")
 def test_gaussian_kl_to_prior_closed_form():
@@ -421,44 +421,125 @@ def test_td_differences_by_hand():
     torch.testing.assert_close(td[2], torch.tensor([2.0 - 2.7, 3.0 - 3.6, 4.0 - 4.5, 5.0]))
 
 
+def reference_reward_weights(attention, rows):
+    """w_t = 1/|y| sum_i A[i, t] over a row's real queries i; a loop."""
+    w = torch.zeros(rows.shape, dtype=attention.dtype)
+    for b in range(rows.shape[0]):
+        real = [i for i in range(rows.shape[1]) if rows[b, i]]
+        for t in real:
+            w[b, t] = sum(attention[b, i, t] for i in real) / len(real)
+    return w
+
+
+@pytest.mark.objective("reward.reward_weights")
+def test_reward_weights_by_hand():
+    # row 0: 3 real positions of 4 (the 4th is padding, whose query row and column must not count);
+    # row 1: all 4 real. Rows of A sum to 1, causal (A[i, t] = 0 for t > i).
+    attention = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.25, 0.75, 0.0, 0.0], [0.5, 0.1, 0.4, 0.0], [0.1, 0.2, 0.3, 0.4]],
+                              [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.2, 0.2, 0.6, 0.0], [0.0, 0.0, 0.3, 0.7]]])
+    rows = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    w = reward.reward_weights(attention, rows)
+    # row 0: (1 + 0.25 + 0.5) / 3, (0.75 + 0.1) / 3, 0.4 / 3, 0 (padding);
+    # row 1: (1 + 0.5 + 0.2 + 0) / 4, (0.5 + 0.2) / 4, (0.6 + 0.3) / 4, 0.7 / 4
+    torch.testing.assert_close(w, torch.tensor([[1.75 / 3, 0.85 / 3, 0.4 / 3, 0.0], [0.425, 0.175, 0.225, 0.175]]))
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(2))          # each sequence's weights sum to 1
+    A = torch.rand(3, 5, 5, dtype=torch.float64).tril()
+    A = A / A.sum(-1, keepdim=True)
+    real = torch.tensor([[True] * 5, [True] * 2 + [False] * 3, [True] * 4 + [False]])
+    torch.testing.assert_close(reward.reward_weights(A, real), reference_reward_weights(A, real))
+
+
+@pytest.mark.objective("reward.reward_weights")
+def test_reward_weights_gradient_in_float64():
+    A = torch.rand(2, 4, 4, dtype=torch.float64).tril().requires_grad_()
+    rows = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    assert torch.autograd.gradcheck(lambda a: reward.reward_weights(a, rows), (A,))
+    reward.reward_weights(A, rows)[0, 0].backward()  # w_0 of row 0 gets 1/3 from each real query's column 0
+    torch.testing.assert_close(A.grad[0, :, 0], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.objective("reward.contrastive_expected_return")
+def test_contrastive_expected_return_by_hand_and_at_extreme_rewards():
+    # margins 0, ln 3 and -ln 3: sigma = 1/2, 3/4, 1/4 (sigma, not log sigma): mean 1/2
+    r_chosen = torch.tensor([0.5, LN3, -1.0 - LN3])
+    assert reward.contrastive_expected_return(r_chosen, torch.tensor([0.5, 0.0, -1.0])).item() == pytest.approx(0.5)
+    r = torch.tensor([100.0, -100.0], requires_grad=True)
+    value = reward.contrastive_expected_return(r[:1], r[1:])
+    value.backward()
+    assert value.item() == pytest.approx(1.0) and torch.isfinite(r.grad).all()
+    x = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)  # d/dx sigma(x) = sigma (1 - sigma), / 2
+    reward.contrastive_expected_return(x, torch.zeros(2, dtype=torch.float64)).backward()
+    torch.testing.assert_close(x.grad, torch.sigmoid(x.detach()) * torch.sigmoid(-x.detach()) / 2)
+
+
 AVA_V, AVA_EOT, AVA_SEP = 16, 0, 1
 
 
-@pytest.mark.objective("reward.ava_token_objective")
-def test_ava_token_objective_on_a_three_token_response(monkeypatch):
-    for name, ref in [("gaussian_kl_to_prior", reference_gaussian_kl_to_prior),
-                      ("gaussian_logpdf", reference_gaussian_logpdf), ("td_differences", reference_td_differences)]:
-        monkeypatch.setattr(reward, name, ref)
+def tiny_ava_model():
     torch.manual_seed(0)
     model = reward.AVARewardModel.from_policy(GPT(GPTConfig(block_size=16, vocab_size=AVA_V, n_layer=2, n_head=2,
                                                             n_embd=32)))
     torch.nn.init.normal_(model.reward_head.weight, std=0.5)  # make the rewards depend on the input
     torch.nn.init.normal_(model.reward_head.bias, std=0.5)
-    model.eval()
-    lam, gamma = 0.7, 0.9
+    return model.eval()
+
+
+def reference_ava_terms(model, idx, prompt, response, lam, gamma, alpha, beta):
+    """AVA's per-token terms, written out token by token from the model's parts: the last block's
+    attention by a loop over heads, the weights by reference_reward_weights, the Gaussian terms by
+    torch.distributions. Returns [(likelihood_t, bayes_t, w_t mu_t)] for each response token."""
+    trunk = model.trunk
+    x = trunk.transformer.wte(idx) + trunk.transformer.wpe(torch.arange(idx.shape[1]))
+    for block in trunk.transformer.h[:-1]:
+        x = block(x)
+    last = trunk.transformer.h[-1]
+    q, k, _ = last.attn.c_attn(last.ln_1(x)).split(32, dim=2)
+    heads = []
+    for head in range(2):  # per head: softmax(q k^T / sqrt(16)) under the causal mask
+        qh, kh = q[0, :, 16 * head:16 * (head + 1)], k[0, :, 16 * head:16 * (head + 1)]
+        scores = qh @ kh.T / 4.0
+        heads.append(torch.where(torch.ones(len(scores), len(scores)).tril().bool(), scores, -torch.inf).softmax(-1))
+    attention = (heads[0] + heads[1])[None] / 2                      # (1, T, T)
+    w = reference_reward_weights(attention, torch.ones(1, idx.shape[1], dtype=torch.bool))[0]
+    h = trunk.hidden(idx)[0]                                         # (T, C)
+    Q = torch.log_softmax(alpha * trunk.lm_head(h), -1)              # (T, V)
+    params = model.reward_head(h).view(-1, 2, AVA_V)                 # (T, 2, V)
+    start, terms = len(prompt) - 1, []
+    for k_, y in enumerate(response):
+        t = start + k_
+        q_next = w[t + 1] * Q[t + 1, response[k_ + 1]] if k_ + 1 < len(response) else 0.0
+        td = w[t] * Q[t, y] - gamma * q_next
+        mu, sigma = w[t] * params[t, 0, y], w[t] * params[t, 1, y].exp()
+        normal = torch.distributions.Normal(mu, sigma)
+        bayes = -torch.distributions.kl_divergence(normal, torch.distributions.Normal(0.0, 1.0)) + lam * normal.log_prob(td)
+        terms.append((beta * Q[t, y], bayes, mu))
+    return terms
+
+
+@pytest.mark.objective("reward.ava_token_objective")
+def test_ava_token_objective_on_a_three_token_response(monkeypatch):
+    for name, ref in [("gaussian_kl_to_prior", reference_gaussian_kl_to_prior), ("reward_weights", reference_reward_weights),
+                      ("gaussian_logpdf", reference_gaussian_logpdf), ("td_differences", reference_td_differences)]:
+        monkeypatch.setattr(reward, name, ref)
+    model = tiny_ava_model()
+    lam, gamma, alpha, beta = 0.7, 0.9, 1.5, 0.8
     prompt, response = [5, 6, AVA_SEP], [7, 8, AVA_EOT]
     idx, targets, _ = make_batch([prompt], [response], AVA_EOT)
-    token_objective, mask, seq_reward = reward.ava_token_objective(model, idx, targets, lam, gamma)
+    likelihood, bayes, mask, mu = reward.ava_token_objective(model, idx, targets, lam, gamma, alpha, beta)
     assert mask[0].nonzero().flatten().tolist() == [2, 3, 4]  # states s_0..s_2 predict y_1..y_3
-    # the same terms computed directly from the heads
-    with torch.no_grad():
-        h = model.trunk.hidden(idx)[0]                                  # (T, C)
-        q = model.q_head(h)                                             # (T, V)
-        params = model.reward_head(h).view(-1, 2, AVA_V)                # (T, 2, V)
-    expected, mus = [], []
-    for k, t in enumerate([2, 3, 4]):
-        y = response[k]
-        q_next = q[t + 1, response[k + 1]] if k < 2 else 0.0
-        td = q[t, y] - gamma * q_next
-        mu, log_sigma = params[t, 0, y], params[t, 1, y]
-        normal = torch.distributions.Normal(mu, log_sigma.exp())
-        expected.append(torch.log_softmax(q[t], -1)[y]
-                        - torch.distributions.kl_divergence(normal, torch.distributions.Normal(0.0, 1.0))
-                        + lam * normal.log_prob(td))
-        mus.append(mu)
-    torch.testing.assert_close(token_objective[0, 2:5], torch.stack(expected).detach(), atol=1e-5, rtol=1e-5)
-    assert token_objective[0][~mask[0]].abs().sum() == 0
-    torch.testing.assert_close(seq_reward[0], sum(mus).detach(), atol=1e-5, rtol=1e-5)
+    expected = reference_ava_terms(model, idx, prompt, response, lam, gamma, alpha, beta)
+    for column, values in zip((likelihood, bayes, mu), zip(*expected)):
+        torch.testing.assert_close(column[0, 2:5], torch.stack(values).detach(), atol=1e-5, rtol=1e-5)
+        assert column[0][~mask[0]].abs().sum() == 0
+    # gradients: both Q terms of the TD difference and the weights carry them, as in the reference
+    model.zero_grad()
+    (likelihood.sum() + bayes.sum()).backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    sum(a + b for a, b, _ in reference_ava_terms(model, idx, prompt, response, lam, gamma, alpha, beta)).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-5 * float(p.grad.abs().max()), rtol=1e-4, msg=name)
+    assert got["trunk.transformer.h.1.attn.c_attn.weight"].abs().sum() > 0  # the weights' path trains the trunk too
 
 
 # ----------------------------------------------------------------------------------------

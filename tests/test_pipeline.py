@@ -21,15 +21,16 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
     assert (results["preset"], results["seed"], results["device"], results["task"]) == ("smoke", 0, "cpu", "synthetic")
     names = [p["name"] for p in results["policies"]]
     assert names == ["init", "sft", "demonstrations", "afd_adversarial", "irl_iterated", "irft", "rl_init_sft",
-                     "rl_ava_d"]
+                     "rl_ava_d", "ava_d_direct"]
     for p in results["policies"][3:]:  # the trained policies: a Monte-Carlo KL to pi_sft
         assert math.isfinite(p["kl_to_sft"]) and p["kl_to_sft_stderr"] >= 0
     for name in ["policy_afd_adversarial", "policy_irl_iterated_round0", "policy_irl_iterated_round1",
-                 "policy_irft_stage0", "policy_irft_stage1", "policy_rl_init_sft", "policy_rl_ava_d"]:
+                 "policy_irft_stage0", "policy_irft_stage1", "policy_rl_init_sft", "policy_rl_ava_d",
+                 "policy_ava_d_direct"]:
         curve = [json.loads(line) for line in (out / f"{name}.curve.jsonl").read_text().splitlines()]
         assert curve and all(math.isfinite(r["loss"]) for r in curve)
         assert ("disc_acc" in curve[0]) == (name == "policy_afd_adversarial")
-        assert ("reward" in curve[0]) == ("irft" not in name)
+        assert ("reward" in curve[0]) == ("irft" not in name and "ava_d_direct" not in name)
     for k in (0, 1):  # iterated IRL's reward model, one run per round
         assert all((out / f"rm_irl_iterated_round{k}{ext}").exists() for ext in (".pt", ".curve.jsonl"))
     for p in results["policies"]:

@@ -95,7 +95,7 @@ def test_an_edited_loss_redoes_the_runs_that_call_it_and_nothing_else(finished, 
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     loaded = ["pi_init", "pi_sft", "rm_init_sft", "rm_pref", "rm_ava_d", "policy_afd_adversarial",
-              "policy_irl_iterated_round1", "policy_rl_init_sft", "policy_rl_ava_d"]
+              "policy_irl_iterated_round1", "policy_rl_init_sft", "policy_rl_ava_d", "policy_ava_d_direct"]
     for name in loaded:
         assert f"[{name}] loaded {out / name}.pt (up to date)" in rerun.stdout, name
     assert "[sample] loaded" in rerun.stdout
