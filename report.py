@@ -305,3 +305,91 @@ def write_report(results, out_dir):
         for prompt, response in rows:
             report += [dialogue(prompt, response), ""]
     write_text("\n".join(report), os.path.join(out_dir, "report.md"))
+
+
+# ----------------------------------------------------------------------------------------
+# Several seeds: the README's tables, from the runs' results.json
+
+def over_seeds(values):
+    """'mean ± standard error' of one number over seeds (the spread of the seeds, not of the prompts)."""
+    m = mean(values)
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values)) if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {se:.3f}"
+
+
+def seed_tables(runs):
+    """Markdown: the README's tables over seeds, from {seed: results}. Trained policies (golden reward,
+    its difference from SFT in standard errors, KL), the verdicts counted over the seeds, the reward
+    models' held-out accuracies, Best-of-n by n (mean ± standard error over the seeds), and where each
+    selector peaks with its share of the ceiling."""
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    names = [p["name"] for p in first["policies"] if p["name"] != "demonstrations"]
+    by_name = {s: {p["name"]: p for p in runs[s]["policies"]} for s in seeds}
+    lines = ["Trained policies: golden reward ± standard error over the prompts (difference from SFT in standard "
+             "errors; Monte-Carlo KL to `pi_sft`):", "",
+             "| seed | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for s in seeds:
+        sft, cells = by_name[s]["sft"], []
+        for name in names:
+            p = by_name[s][name]
+            cell = f"{p['golden_reward']:.3f} ± {p['golden_reward_stderr']:.3f}"
+            if name != "sft":
+                z, _ = difference_from_sft(p["golden_reward"], p["golden_reward_stderr"], sft)
+                cell += f" ({z:+.1f} SE" + (f", KL {p['kl_to_sft']:.2f})" if "kl_to_sft" in p else ")")
+            cells.append(cell)
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines.append(f"| mean ± SE over {len(seeds)} seeds | " + " | ".join(
+        over_seeds([by_name[s][n]["golden_reward"] for s in seeds]) for n in names) + " |")
+    lines.append("| vs SFT over the seeds (mean difference; better / no clear difference / worse) | " + " | ".join(
+        "-" if n == "sft" else
+        f"{mean([by_name[s][n]['golden_reward'] - by_name[s]['sft']['golden_reward'] for s in seeds]):+.3f}; " + " / ".join(
+            str(sum(difference_from_sft(by_name[s][n]["golden_reward"], by_name[s][n]["golden_reward_stderr"],
+                                        by_name[s]["sft"])[1] == v for s in seeds))
+            for v in ("better", "no clear difference", "worse")) for n in names) + " |")
+    rms = [r["name"] for r in first["reward_models"]]
+    rm_of = {s: {r["name"]: r for r in runs[s]["reward_models"]} for s in seeds}
+    lines += ["", "Reward models, held-out accuracy on their own kind of pair / demonstration > SFT sample / "
+              "golden order of two SFT samples:", "", "| seed | " + " | ".join(rms) + " |", "|---|" + "---|" * len(rms)]
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(f"{rm_of[s][r]['heldout_accuracy']:.3f} / {rm_of[s][r]['acc_demo_vs_sft']:.3f}"
+                                              f" / {rm_of[s][r]['acc_golden_sft_pairs']:.3f}" for r in rms) + " |")
+    lines.append("| mean over the seeds | " + " | ".join(
+        " / ".join(f"{mean([rm_of[s][r][k] for s in seeds]):.3f}"
+                   for k in ("heldout_accuracy", "acc_demo_vs_sft", "acc_golden_sft_pairs")) for r in rms) + " |")
+    if not first["best_of_n"]:
+        return "\n".join(lines)
+    bon = {s: {(b["rm"], b["n"]): b for b in runs[s]["best_of_n"]} for s in seeds}
+    selectors = list(dict.fromkeys(b["rm"] for b in first["best_of_n"]))
+    ns = sorted({b["n"] for b in first["best_of_n"]})
+    lines += ["", f"Best-of-n golden reward, mean ± standard error over the {len(seeds)} seeds:", "",
+              "| selector | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for rm in selectors:
+        lines.append(f"| {rm} | " + " | ".join(over_seeds([bon[s][(rm, n)]["golden_reward"] for s in seeds])
+                                               for n in ns) + " |")
+    lines += ["", "Where each selector peaks (its best n) and its share of the ceiling there, per seed; then the "
+              "gain of its best n over n = 1 in standard errors of that estimate:", "",
+              "| seed | " + " | ".join(r for r in selectors if r != "oracle") + " |",
+              "|---|" + "---|" * (len(selectors) - 1)]
+    for s in seeds:
+        cells = []
+        for rm in [r for r in selectors if r != "oracle"]:
+            best = max((bon[s][(rm, n)] for n in ns), key=lambda b: b["golden_reward"])
+            gain = best["golden_reward"] - bon[s][(rm, 1)]["golden_reward"]
+            share = f"{best['share_of_ceiling']:+.2f}" if "share_of_ceiling" in best else "+0.00"
+            cells.append(f"{best['n']}: {share} ({gain / max(best['golden_reward_stderr'], 1e-12):+.1f} SE)")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="The README's tables over seeds, from the runs' out dirs.")
+    parser.add_argument("--seeds", nargs="+", required=True, metavar="OUT_DIR",
+                        help="out dirs of `python train.py --seed=S`, one per seed")
+    args = parser.parse_args()
+    runs = {}
+    for out_dir in args.seeds:
+        results = json.loads(Path(out_dir, "results.json").read_text())
+        runs[results["seed"]] = results
+    print(seed_tables(runs))

@@ -46,6 +46,24 @@ def reference_logprobs(monkeypatch):
     return reference_token_logprobs
 
 
+def reference_reward_weights(attention, rows):
+    """reward.reward_weights written another way: the mean over a row's real queries of the attention
+    each position receives, by masked_select per row. (B, T), 0 at padding."""
+    out = torch.zeros(rows.shape, dtype=attention.dtype)
+    for b in range(rows.shape[0]):
+        n = int(rows[b].sum())
+        out[b, :n] = attention[b, :n, :n].mean(dim=0)
+    return out
+
+
+@pytest.fixture
+def reference_weights(monkeypatch):
+    """Replaces reward.reward_weights by the reference above, so that a test of AVA's model (its heads,
+    read-outs, scoring) does not depend on that objective. Returns the reference."""
+    monkeypatch.setattr(reward, "reward_weights", reference_reward_weights)
+    return reference_reward_weights
+
+
 @pytest.fixture(scope="session")
 def run():
     """run(*args): `python train.py ARGS` in the project root, output captured as text.
