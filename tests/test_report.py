@@ -69,3 +69,36 @@ def test_timed_adds_up_the_time_of_each_block(monkeypatch):
         with train.timed("rm/pref"):
             pass
     assert train.STAGE_TIMES == {"rm/pref": 3.5}
+
+
+def fake_run(seed, sft, method, method_se, init_sft_bon, majority_bon):
+    """A results.json of a run with one trained method, two reward models' Best-of-n rows skipped but one."""
+    policy = lambda name, g, se, **kw: {"name": name, "golden_reward": g, "golden_reward_stderr": se, **kw}
+    bon = [{"rm": rm, "n": n, "golden_reward": g, "golden_reward_stderr": 0.1, **({"share_of_ceiling": s} if n > 1 else {})}
+           for rm, rows in [("init_sft", init_sft_bon), ("majority", majority_bon), ("oracle", [(1.0, None), (2.0, None)])]
+           for n, (g, s) in zip((1, 2), rows)]
+    for b in bon:
+        if b["rm"] == "oracle":
+            b.pop("share_of_ceiling", None)
+    rm = {"name": "init_sft", "heldout_accuracy": 0.8, "acc_demo_vs_sft": 0.5 + seed / 10, "acc_golden_sft_pairs": 0.6}
+    return {"seed": seed, "policies": [policy("sft", sft, 0.1), policy("demonstrations", 2.5, 0.0),
+                                       policy("m", method, method_se, kl_to_sft=0.25)],
+            "reward_models": [rm], "best_of_n": bon}
+
+
+def test_seed_tables_give_each_seed_and_the_mean_and_standard_error_over_seeds():
+    runs = {0: fake_run(0, 1.0, 1.5, 0.1, [(1.0, None), (1.2, 0.2)], [(1.0, None), (0.9, -0.1)]),
+            1: fake_run(1, 1.2, 1.1, 0.2, [(1.0, None), (1.3, 0.3)], [(1.0, None), (1.1, 0.1)])}
+    text = report.seed_tables(runs)
+    # seed 0: m is (1.5 - 1.0) / sqrt(0.1^2 + 0.1^2) = +3.5 SE from SFT; seed 1: -0.1 / sqrt(0.05) = -0.4 SE
+    assert "| 0 | 1.000 ± 0.100 | 1.500 ± 0.100 (+3.5 SE, KL 0.25) |" in text
+    assert "| 1 | 1.200 ± 0.200 | 1.100 ± 0.200 (-0.4 SE, KL 0.25) |" not in text  # sft's stderr is 0.1
+    assert "| 1 | 1.200 ± 0.100 | 1.100 ± 0.200 (-0.4 SE, KL 0.25) |" in text
+    # over the seeds: m's mean 1.3, standard error |1.5 - 1.1| / 2 = 0.2; SFT's 1.1 ± 0.1
+    assert "| mean ± SE over 2 seeds | 1.100 ± 0.100 | 1.300 ± 0.200 |" in text
+    assert "| - | +0.200; 1 / 1 / 0 |" in text  # mean difference (0.5 - 0.1) / 2; better on one seed
+    assert "| 0 | 0.800 / 0.500 / 0.600 |" in text and "| mean over the seeds | 0.800 / 0.550 / 0.600 |" in text
+    assert "| init_sft | 1.000 ± 0.000 | 1.250 ± 0.050 |" in text
+    # peaks: init_sft at n = 2 on both seeds, +0.2 over n = 1 in SE of 0.1 = +2.0; majority at n = 1 then n = 2
+    assert "| 0 | 2: +0.20 (+2.0 SE) | 1: +0.00 (+0.0 SE) |" in text
+    assert "| 1 | 2: +0.30 (+3.0 SE) | 2: +0.10 (+1.0 SE) |" in text
