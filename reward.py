@@ -9,15 +9,17 @@ token. Its training data decides what it is:
 | init_sft  | y ~ pi_init(.|x)     | y ~ pi_sft(.|x)      | afd.discriminator_loss         |
 | init_demo | y ~ pi_init(.|x)     | demonstrations y^E   | afd.discriminator_loss         |
 | sft_demo  | y ~ pi_sft(.|x)      | demonstrations y^E   | afd.discriminator_loss         |
-(the three tailored models: both classes on the same demonstration prompts x, afd.tailored_triples)
 | pref      | rejected response    | chosen response      | pairwise_loss (Bradley-Terry)  |
 | logratio  | -                    | -                    | none: log pi_sft - log pi_init |
 | ava_d     | -                    | demonstrations y^E   | ava_d_loss (METHOD.md sec. 10) |
 | ava_p     | rejected response    | chosen response      | ava_p_loss (METHOD.md sec. 10) |
 
-AVA (`AVARewardModel`, arXiv 2411.09341 after AVRIL) is Bayesian IRL: on the same trunk it
-has a token-level reward head, a Gaussian N(mu_t, sigma_t^2) per response position, and a Q
-head over the vocabulary; its sequence reward is sum_t mu_t.
+The three tailored models take both classes on the same demonstration prompts x
+(afd.tailored_triples). AVA (`AVARewardModel`, arXiv 2411.09341 after AVRIL) is Bayesian IRL:
+on the same trunk, its LM head gives Q-values and a token-level reward head a Gaussian
+N(mu_t, sigma_t^2) per response position, both scaled by reward weights from attention; it
+ranks responses by the last timestep's expected reward, and RL maximises the expected return
+sum_t mu_t (ExpectedReturn).
 
 Every reward model is used through one interface: `scorer(idx, targets, last) -> (B,)`,
 on batches made by data.make_batch. train.py trains them (its reward-model stage).
@@ -33,11 +35,6 @@ from model import GPT, SharedPrompts, frozen_copy, masked_mean, sequence_logprob
 
 RM_NAMES = ["init_sft", "init_demo", "sft_demo", "pref", "logratio", "ava_d", "ava_p"]
 AVA = ("ava_d", "ava_p")
-# how each AVA reward model ranks responses: AVA-p by the last timestep's expected reward, what its
-# contrast (CER, Eq. 18) trains; AVA-d, which has no contrast, by its expected return (Eq. 19), the
-# quantity its objective learns (METHOD.md section 10: on the toy of tests/test_reward.py the last
-# timestep's reward ranked demonstrations first for 21-71% of prompts, the sum for 94-96%)
-AVA_RANKING = {"ava_d": "sum", "ava_p": "last"}
 
 
 class RewardModel(nn.Module):
@@ -113,32 +110,32 @@ class AVARewardModel(nn.Module):
     the attention of every row of the sequence.
     """
 
-    def __init__(self, config, ranking="last"):
+    def __init__(self, config):
         super().__init__()
-        self.config, self.ranking = config, ranking  # the read-out that scores a response (AVA_RANKING)
+        self.config = config
         self.trunk = GPT(config)
         self.reward_head = nn.Linear(config.n_embd, 2 * config.vocab_size)  # (mu, log sigma) per token
         nn.init.zeros_(self.reward_head.weight)
         nn.init.zeros_(self.reward_head.bias)
 
     @classmethod
-    def from_policy(cls, policy, ranking="last"):
+    def from_policy(cls, policy):
         """The trunk, and with it the Q head (its LM head), starts from a policy."""
-        model = cls(policy.config, ranking)
+        model = cls(policy.config)
         model.trunk.load_state_dict(policy.state_dict())
         return model
 
-    def forward(self, idx, targets, last=None, readout=None, alpha=1.0):
-        """readout (default: self.ranking, the one that ranks responses: Best-of-N, accuracies)
-        "last": the expected reward of the whole sequence, w_T mu_T at its last token, (B,): what
-        AVA-p's contrast (Eq. 18) trains; "sum": sum_t w_t mu_t, (B,): the expected return of Eq. 19;
+    def forward(self, idx, targets, last=None, readout="last", alpha=1.0):
+        """readout "last": the expected reward of the whole sequence, w_T mu_T at its last token,
+        (B,): what AVA-p's contrast (CER, Eq. 18) trains, which ranks responses (Best-of-N,
+        accuracies; METHOD.md section 10); "sum": sum_t w_t mu_t, (B,): the expected return of Eq. 19,
+        RL's reward (ExpectedReturn);
         "heads": the per-position terms (B, T) each, 0 off the mask: w_t mu_t, log(w_t sigma_t),
         w_t Q(s_t, y_{t+1}), Q(s_t, y_{t+1}) = log softmax(alpha z_t)[y_{t+1}]. (Each goes through
         forward, so that DistributedDataParallel sees the training call.)"""
         if isinstance(idx, SharedPrompts):
             idx, targets, last = full_rows(idx)
         mu, log_sigma, q_weighted, q_taken = heads = self.heads(idx, targets, alpha)
-        readout = readout or self.ranking
         if readout == "heads":
             return heads
         if readout == "sum":

@@ -47,7 +47,7 @@ import data
 from report import curve_summary, markdown_tables, write_report, write_text
 from model import (GPT, GPTConfig, WriteError, atomic_write, configure_optimizer, frozen_copy, generate, memory_bytes,
                    num_params, score_pairs, trainable_copy)
-from reward import (AVA, AVA_RANKING, RM_NAMES, AVARewardModel, ExpectedReturn, LogRatioReward, RewardModel, ava_d_loss,
+from reward import (AVA, RM_NAMES, AVARewardModel, ExpectedReturn, LogRatioReward, RewardModel, ava_d_loss,
                     ava_p_loss, heldout_accuracies, pairwise_accuracy, pairwise_loss)
 
 
@@ -71,7 +71,7 @@ class Config:
     init_from: str = opt("", "pi_init: '' = pre-train from scratch; gpt2 | gpt2-medium | ... | PATH/model.safetensors")
     n_pretrain: int = opt(6000, "pre-training dialogues")
     n_demo: int = opt(1500, "demonstrations (prompts of the SFT data and of the policy methods)")
-    n_rm: int = opt(600, "reward-model prompts (and preference pairs)")
+    n_rm: int = opt(600, "preference pairs (pref, ava_p); also the demonstration prompts the tailored RMs sample")
     n_heldout: int = opt(200, "held-out prompts of the reward-model accuracies")
     n_eval: int = opt(300, "evaluation prompts")
     n_gold: int = opt(2000, "--task=hh: preference pairs of the gold reward model (no other model sees them)")
@@ -94,7 +94,7 @@ class Config:
     temperature: float = opt(1.0, "sampling temperature (0 = greedy)")
     top_k: int = opt(0, "sample among the top k tokens only (0 = all), except in policy steps")
     max_new_tokens: int = opt(48, "longest sampled response")
-    n_rm_samples: int = opt(2, "samples of pi_init and of pi_sft per reward-model prompt")
+    n_rm_samples: int = opt(2, "samples of pi_init and of pi_sft per tailored reward-model prompt")
     sample_rows: int = opt(1024, "rows decoded at once")
     rm_steps: int = opt(100, "training steps of each reward model")
     rm_lr: float = opt(3e-4, "reward-model learning rate (also the iterated-IRL reward steps)")
@@ -1001,8 +1001,7 @@ def stage_sample(cfg, vocab, splits, pi_init, pi_sft):
 def train_reward_model(name, cfg, vocab, splits, samples, pi_init):
     """One reward model of reward.RM_NAMES, its trunk from pi_init, trained on its own data
     (the table in reward.py, METHOD.md section 6)."""
-    rm = (AVARewardModel.from_policy(pi_init, AVA_RANKING[name]) if name in AVA else
-          RewardModel.from_policy(pi_init)).to(cfg.device)
+    rm = (AVARewardModel if name in AVA else RewardModel).from_policy(pi_init).to(cfg.device)
     run = Run(cfg, vocab, splits, stage_config(cfg, "rm", unit=name))
     if name == "ava_d":  # demonstrations only
         loss_of_batch = lambda model, b: ava_d_loss(model, b[0], b[1], cfg.ava_lambda, cfg.ava_gamma, cfg.ava_alpha,

@@ -23,9 +23,9 @@ def _reward_weights_by_reference(reference_weights):
     """AVA's reward weights are an objective of their own (course.py): these tests use a reference."""
 
 
-def tiny_ava(seed=0, random_reward_head=False, ranking="last"):
+def tiny_ava(seed=0, random_reward_head=False):
     torch.manual_seed(seed)
-    model = AVARewardModel.from_policy(GPT(CONFIG), ranking)
+    model = AVARewardModel.from_policy(GPT(CONFIG))
     if random_reward_head:  # the head starts at zero; make the rewards depend on the input
         torch.nn.init.normal_(model.reward_head.weight, std=0.5)
         torch.nn.init.normal_(model.reward_head.bias, std=0.5)
@@ -120,7 +120,7 @@ def test_ava_d_learns_a_reward_that_ranks_demonstrations_first():
     train, heldout = [toy_demo(rng) for _ in range(512)], [toy_demo(rng) for _ in range(200)]
     # random sequences over the same tokens, on the held-out prompts
     random_responses = [[rng.randrange(2, 10) for _ in range(4)] + [EOT] for _ in heldout]
-    model = tiny_ava(seed=0, ranking=reward.AVA_RANKING["ava_d"])  # AVA-d ranks by its expected return
+    model = tiny_ava(seed=0)
     opt = configure_optimizer(model, 3e-3, 0.0)
     model.train()
     losses = []
@@ -136,8 +136,11 @@ def test_ava_d_learns_a_reward_that_ranks_demonstrations_first():
     assert sum(losses[-20:]) / 20 < 0.75 * sum(losses[:20]) / 20  # the objective improves
     prompts = [p for p, _ in heldout]
     with torch.no_grad():
-        r_demo = model(*make_batch(prompts, [r for _, r in heldout], EOT)[:2])
-        r_random = model(*make_batch(prompts, random_responses, EOT)[:2])
+        # the expected return (Eq. 19, RL's reward): on this toy, where every response has 5 tokens,
+        # it ranks demonstrations first; the last timestep's reward, which AVA-d does not train to
+        # order responses, did so for 21-71% of prompts (3 seeds)
+        r_demo = model(*make_batch(prompts, [r for _, r in heldout], EOT)[:2], readout="sum")
+        r_random = model(*make_batch(prompts, random_responses, EOT)[:2], readout="sum")
     accuracy = (r_demo > r_random).float().mean().item()
     assert accuracy > 0.9, accuracy
 
