@@ -157,3 +157,51 @@ def test_heldout_accuracies_by_hand():
     assert rows["n_golden_sft_pairs"] == 1             # the second pair is a golden tie: left out
     assert rows["acc_golden_sft_pairs"] == 0.0         # the better sample (a) scored 0 < 0.5
     assert reward.heldout_accuracies("pref", scores, t(1.0, 0.0), t(0.0, 0.0))["heldout_accuracy"] == 0.5
+
+
+class PerStateAVA(AVARewardModel):
+    """The paper's per-state reward head (Eq. 9), for the comparison below: one (mu, log sigma) per
+    position, read at h_{t+1}, the hidden state after the taken token (h_t has not seen it)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.state_head = torch.nn.Linear(config.n_embd, 2)
+        torch.nn.init.zeros_(self.state_head.weight)
+        torch.nn.init.zeros_(self.state_head.bias)
+
+    def heads(self, idx, targets, alpha):
+        h, attention = reward.hidden_and_attention(self.trunk, idx)
+        mask = targets != -100
+        w = reward.reward_weights(attention, reward.mask_of_rows(idx, targets))
+        q = F.log_softmax(alpha * self.trunk.lm_head(h).float(), dim=-1)
+        q_taken = q.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        mu, log_sigma = self.state_head(F.pad(h[:, 1:], (0, 0, 0, 1))).float().unbind(-1)  # read at t + 1
+        weighted = (w * mu, torch.log(w.clamp(min=1e-30)) + log_sigma, w * q_taken)
+        return [v.masked_fill(~mask, 0.0) for v in (*weighted, q_taken)]
+
+
+@pytest.mark.slow
+def test_the_state_action_head_ranks_demonstrations_better_than_a_per_state_head():
+    """METHOD.md section 10's reason for the state-action head, on the toy above: after 300 AVA-d
+    steps, the expected return ranks demonstrations above random strings far more often with it
+    (seed 0: 0.96 against 0.66)."""
+    accuracy = {}
+    for cls in (AVARewardModel, PerStateAVA):
+        rng = random.Random(0)
+        train, heldout = [toy_demo(rng) for _ in range(512)], [toy_demo(rng) for _ in range(200)]
+        random_responses = [[rng.randrange(2, 10) for _ in range(4)] + [EOT] for _ in heldout]
+        torch.manual_seed(0)
+        model = cls.from_policy(GPT(CONFIG))
+        opt = configure_optimizer(model, 3e-3, 0.0)
+        for step in range(300):
+            batch = [train[rng.randrange(len(train))] for _ in range(32)]
+            loss = ava_d_loss(model, *make_batch([p for p, _ in batch], [r for _, r in batch], EOT)[:2], 1.0, 1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        prompts = [p for p, _ in heldout]
+        with torch.no_grad():
+            r_demo = model(*make_batch(prompts, [r for _, r in heldout], EOT)[:2], readout="sum")
+            r_random = model(*make_batch(prompts, random_responses, EOT)[:2], readout="sum")
+        accuracy[cls] = (r_demo > r_random).float().mean().item()
+    assert accuracy[AVARewardModel] > 0.9 and accuracy[PerStateAVA] < accuracy[AVARewardModel] - 0.15, accuracy
