@@ -246,11 +246,14 @@ def test_irft_stages_sample_on_disjoint_slices_of_the_demonstrations(tiny_gpt, t
     assert [c[1:] for c in recording.calls if c[0] == "demonstrations"] == [("irft", 0, 2), ("irft", 1, 2)]
 
 
-def test_tailored_batches_put_each_models_positives_first_on_the_same_prompts():
+def test_tailored_batches_put_each_models_positives_first_on_the_same_prompts(monkeypatch):
     """The batch train.py builds for a tailored reward model (afd.tailored_triples through
     train.triples_batch, as run.triple_batches does): B positives, then their B negatives, row b of each
     half on the same prompt; a scorer that knows the classes gets a loss near 0 from
-    afd.discriminator_batch_loss, one that has them the wrong way round a large one."""
+    afd.discriminator_batch_loss, one that has them the wrong way round a large one. (The loss itself,
+    an objective of its own, is a reference here.)"""
+    monkeypatch.setattr(afd, "discriminator_loss", lambda r_pos, r_neg: -(torch.nn.functional.logsigmoid(r_pos).mean()
+                                                                           + torch.nn.functional.logsigmoid(-r_neg).mean()))
     prompts, demos = [[1, 2], [3, 4, 5], [6]], [[1, EOS], [1, 1, EOS], [1, 2, EOS]]
     init = [[3, EOS], [3, 4, EOS], [3, EOS], [3, 3, EOS], [3, 9, EOS], [3, EOS]]   # starts with 3
     sft = [[2, EOS], [2, 2, EOS], [2, 5, EOS], [2, EOS], [2, 8, EOS], [2, 2, 2, EOS]]  # starts with 2
