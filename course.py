@@ -14,7 +14,9 @@ raises NotImplementedError with a message naming the objective, its METHOD.md se
 command that grades it. An objective's tests are the test functions of tests/test_*.py decorated
 with @pytest.mark.objective("<module>.<name>"); they are named test_<short name>_..., so that
 `python -m pytest -m "not slow" -k <short name>` runs them (short names: `python course.py list`).
-`check` runs the fast suite once with nothing removed, then once per objective: minutes, not seconds.
+`check` runs the fast suite once with nothing removed (and stops there, naming the failing tests, if
+that fails), then once per objective: minutes, not seconds. `student-copy` refuses an empty --remove
+(it would hand out every solution) and a destination inside the project.
 """
 import argparse
 import ast
@@ -268,6 +270,9 @@ def check(root, names):
                 else "MISMATCH: pytest wrote no report:\n" + output[-3000:])
         all_ok &= line.startswith("ok")
         print(f"{name or '(nothing removed)':32s} {line}  [{time.time() - start:.0f} s]", flush=True)
+        if name is None and not all_ok:  # removing an objective cannot be judged on a tree that already fails
+            print("course.py: the untouched project already fails the fast suite (above); fix that first", flush=True)
+            return False
     return all_ok
 
 
@@ -284,6 +289,12 @@ def cmd_list(args):
 
 def cmd_student_copy(args):
     names = resolve([n.strip() for n in args.remove.split(",") if n.strip()])
+    if not names:  # a copy with nothing removed hands out every solution
+        fail(f"--remove={args.remove!r} names no objective: give some (comma-separated, see `python course.py "
+             f"list`) or 'all'")
+    out_dir = Path(args.out_dir).resolve()
+    if out_dir == ROOT or ROOT in out_dir.parents:  # every later copy would contain this one
+        fail(f"{args.out_dir} is inside the project ({ROOT}): give a directory outside it")
     make_copy(ROOT, args.out_dir, names)
     for name in names:
         print(f"removed {name} (METHOD.md section {OBJECTIVES[name]}): grade it with {grade_command(name)}")
@@ -302,7 +313,7 @@ def main(argv=None):
     listing.set_defaults(run=cmd_list)
     copy = commands.add_parser("student-copy", help="copy the project with objectives removed")
     copy.add_argument("out_dir", help="a new or empty directory")
-    copy.add_argument("--remove", default="all", help="comma-separated objectives, or 'all' (the default); '' for none")
+    copy.add_argument("--remove", default="all", help="comma-separated objectives, or 'all' (the default)")
     copy.set_defaults(run=cmd_student_copy)
     chk = commands.add_parser("check", help="each objective removed alone: exactly its own tests fail")
     chk.add_argument("names", nargs="*", help="objectives to check (default: all)")

@@ -87,6 +87,31 @@ def test_student_copy_refuses_a_directory_that_is_not_empty(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_student_copy_refuses_an_empty_remove_and_a_destination_inside_the_project(tmp_path, capsys):
+    for argv, message in [(["student-copy", str(tmp_path / "a"), "--remove", ""], "names no objective"),
+                          (["student-copy", str(tmp_path / "b"), "--remove", " , "], "names no objective"),
+                          (["student-copy", str(course.ROOT / "handout"), "--remove", "all"], "is inside the project"),
+                          (["student-copy", str(course.ROOT), "--remove", "afd.kl_bound"], "is inside the project")]:
+        with pytest.raises(SystemExit) as stop:
+            course.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir()) and not (course.ROOT / "handout").exists()
+
+
+def test_check_stops_at_once_when_the_untouched_tree_fails(monkeypatch, capsys):
+    runs = []
+
+    def failing_suite(project):
+        runs.append(project)
+        return {"tests/test_x.py::test_y": "AssertionError"}, "1 failed"
+    monkeypatch.setattr(course, "run_fast_suite", failing_suite)
+    assert course.check(course.ROOT, ["afd.kl_bound", "afd.sft_loss"]) is False
+    out = capsys.readouterr().out
+    assert len(runs) == 1 and "MISMATCH: unexpected failures: tests/test_x.py::test_y" in out
+    assert "already fails the fast suite" in out and "afd.kl_bound" not in out
+
+
 def test_every_objective_has_marked_tests_that_its_short_name_selects():
     tests = course.objective_tests(ROOT)
     assert set(tests) == set(OBJECTIVES), "a marker names no objective"
