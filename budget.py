@@ -140,7 +140,9 @@ def main(argv):
                 atomic_write(os.path.join(run_dir, name), partial(shutil.copyfile, os.path.join(first, name)))
         train.log(f"[budget] x{factor}: rm_steps {cfg.rm_steps * factor}, n_rm_samples {cfg.n_rm_samples * factor}")
         results = train.main(argv + [f"--out_dir={run_dir}", "--methods=bon", f"--rm_steps={cfg.rm_steps * factor}",
-                                     f"--n_rm_samples={cfg.n_rm_samples * factor}"])
+                                     f"--n_rm_samples={cfg.n_rm_samples * factor}"],
+                             host_fix=f"lower --factors (x{factor} makes --n_rm_samples {cfg.n_rm_samples * factor}), "
+                                      f"or --bon_n or --n_eval")
         rows += [r for r in budget_rows(results, factor)  # the same candidates: one oracle, one majority
                  if factor == factors[0] or r["rm"] not in ("oracle", "majority")]
     rows.sort(key=lambda r: (r["rm"] in ("oracle", "majority"), r["rm"], r["factor"]))

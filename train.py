@@ -895,12 +895,13 @@ def stage_task(cfg):
     return task, vocab, splits
 
 
-def check_memory(cfg, vocab):
+def check_memory(cfg, vocab, host_fix=None):
     """Stop with one line, before any work, if the run cannot fit in free memory: on the device,
     model.memory_bytes of the largest training batch (--batch_size, or --pg_prompts x --pg_group)
     and of the largest sampling call; on the host, the samples and Best-of-N candidates kept as
     token lists (--n_eval x --bon_n, --n_rm x --n_rm_samples). Every allocation that grows with an
-    option is in one of these."""
+    option is in one of these. host_fix: what to lower for the host's share, if the caller knows better
+    (budget.py: its --factors multiply --n_rm_samples)."""
     per_rank = lambda n: max(1, n // WORLD)
     train_rows = max(cfg.batch_size // WORLD, per_rank(cfg.pg_prompts) * cfg.pg_group)
     calls = [(cfg.n_rm, cfg.n_rm_samples), (cfg.n_heldout, 2), (cfg.n_eval, cfg.bon_n), (cfg.n_eval, 1),
@@ -910,7 +911,7 @@ def check_memory(cfg, vocab):
     kept = 2 * (cfg.n_eval * cfg.bon_n + 2 * cfg.n_rm * cfg.n_rm_samples)  # token lists, gathered: 2 copies
     host_need = kept * (40 * cfg.max_new_tokens + 1000)  # ~40 bytes a token in a list, ~1 kB a text beside
     model_fix = "lower --batch_size, --pg_prompts x --pg_group or --sample_rows"
-    host_fix = "lower --bon_n or --n_eval (Best-of-N candidates), or --n_rm_samples"
+    host_fix = host_fix or "lower --bon_n or --n_eval (Best-of-N candidates), or --n_rm_samples"
     if cfg.device.startswith("cuda"):
         needs = [(model_need, torch.cuda.mem_get_info(torch.device(cfg.device))[0], cfg.device, model_fix),
                  (host_need, available_host_memory(), "the host", host_fix)]
@@ -1247,8 +1248,9 @@ def saved_results(cfg):
     return results
 
 
-def main(argv):
-    """The whole pipeline for a command line; returns the results (results.json)."""
+def main(argv, host_fix=None):
+    """The whole pipeline for a command line; returns the results (results.json). host_fix: see
+    check_memory."""
     cfg = parse_args(argv)
     STAGE_LINES.clear()
     STAGE_TIMES.clear()
@@ -1261,7 +1263,7 @@ def main(argv):
             write_report(results, cfg.out_dir)
         log(f"[evaluate] up to date: {cfg.out_dir}/results.json; report.md rewritten\n" + markdown_tables(results))
         return results
-    check_memory(cfg, vocab)
+    check_memory(cfg, vocab, host_fix)
     pi_init = stage_pretrain(cfg, vocab, splits)
     pi_sft = stage_sft(cfg, vocab, splits, pi_init)
     samples = stage_sample(cfg, vocab, splits, pi_init, pi_sft)

@@ -41,3 +41,12 @@ def test_budget_study_runs_each_budget_on_the_same_policies(tmp_path):
     x2 = json.loads((out / "x2" / "results.json").read_text())["config"]
     assert (x2["rm_steps"], x2["n_rm_samples"], x2["methods"]) == (20, 4, "bon")
     assert "| init_sft | x2 |" in (out / "budget_study.md").read_text()
+
+
+def test_a_budget_too_large_for_memory_is_refused_naming_factors(tmp_path, capsys):
+    """x1000000 makes --n_rm_samples two million: refused before any training, with --factors as the fix."""
+    with pytest.raises(SystemExit) as stop:
+        budget.main(["--preset=smoke", "--factors=1000000", f"--out_dir={tmp_path}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "lower --factors (x1000000 makes --n_rm_samples 2000000)" in err, err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.rglob("*.pt"))
