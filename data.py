@@ -505,6 +505,37 @@ def build_task(seed, n_pretrain, n_demo, n_rm, n_heldout, n_eval, multi_turn_pro
                 eval_demos=[demo_response(p, rng) for p in split["eval"]])
 
 
+def training_prompts(task):
+    """{split: its prompts} of every split a model trains on (a prompt may repeat within a split)."""
+    return {"pre-training": [p for p, _ in task.pretrain], "demonstrations": [p for p, _ in task.demos],
+            "reward-model": list(task.rm_prompts), "gold": [p for p, _, _ in task.gold_pairs]}
+
+
+def leaked_prompts(task):
+    """The training prompts that are also held-out or evaluation prompts, whatever their source
+    (built-in, --demos, HH-RLHF files): {training split: sorted distinct leaked prompts}, only the
+    splits that leak. A model trained on them would be graded on what it was taught."""
+    evaluated = {p for p, *_ in task.heldout} | set(task.eval_prompts)
+    leaks = {split: sorted(set(prompts) & evaluated) for split, prompts in training_prompts(task).items()}
+    return {split: prompts for split, prompts in leaks.items() if prompts}
+
+
+def drop_leaked(task, leaks):
+    """Removes every row of a training split whose prompt leaks (leaked_prompts); the reward-model
+    prompts and their preference pairs stay aligned. Returns {training split: rows dropped}."""
+    leaked = {p for prompts in leaks.values() for p in prompts}
+    before = {split: len(prompts) for split, prompts in training_prompts(task).items()}
+    task.pretrain = [row for row in task.pretrain if row[0] not in leaked]
+    task.demos = [row for row in task.demos if row[0] not in leaked]
+    kept = [i for i, p in enumerate(task.rm_prompts) if p not in leaked]
+    if len(task.pref_pairs) == len(task.rm_prompts):
+        task.pref_pairs = [task.pref_pairs[i] for i in kept]
+    task.rm_prompts = [task.rm_prompts[i] for i in kept]
+    task.gold_pairs = [row for row in task.gold_pairs if row[0] not in leaked]
+    after = training_prompts(task)
+    return {split: before[split] - len(after[split]) for split in before if before[split] > len(after[split])}
+
+
 # ----------------------------------------------------------------------------------------
 # Demonstrations from a file
 

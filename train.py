@@ -68,6 +68,8 @@ class Config:
     data_dir: str = opt("", "--task=hh: the folder holding harmless-base/ and helpful-base/")
     subset: str = opt("harmless", "--task=hh: harmless | helpful | both")
     skip_bad_lines: bool = opt(False, "--task=hh: skip and count malformed lines instead of stopping")
+    drop_leaks: bool = opt(False, "drop (and count) training prompts that are also held-out or evaluation "
+                                  "prompts, instead of stopping")
     init_from: str = opt("", "pi_init: '' = pre-train from scratch; gpt2 | gpt2-medium | ... | PATH/model.safetensors")
     n_pretrain: int = opt(6000, "pre-training dialogues")
     n_demo: int = opt(1500, "demonstrations (prompts of the SFT data and of the policy methods)")
@@ -149,7 +151,7 @@ BON_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 # changed field redoes its stage and everything downstream. The fields of no stage (preset,
 # out_dir, device, ckpt_every) do not change results. `--help` lists the fields by stage.
 STAGE_FIELDS = {
-    "task": ["seed", "task", "demos", "data_dir", "subset", "skip_bad_lines", "init_from", "n_pretrain",
+    "task": ["seed", "task", "demos", "data_dir", "subset", "skip_bad_lines", "drop_leaks", "init_from", "n_pretrain",
              "n_demo", "n_rm", "n_heldout", "n_eval", "n_gold", "multi_turn_prob", "pref_noise_temp"],
     "pretrain": ["n_layer", "n_head", "n_embd", "block_size", "dropout", "batch_size",
                  "weight_decay", "grad_clip", "warmup_steps", "pretrain_steps", "pretrain_lr", "bf16"],
@@ -882,6 +884,8 @@ def stage_task(cfg):
             counts = data.fit_to_context(task, cfg.block_size, cfg.max_new_tokens)
             log(f"[task] to fit --block_size={cfg.block_size}: {counts['prompts_truncated']} prompts lost "
                 f"their earliest turns, {counts['responses_truncated']} responses were cut at the end")
+        if leaks := data.leaked_prompts(task):  # no model may train on what it is graded on
+            check_leaks(task, leaks, cfg)
         # a GPT-2 initialisation needs GPT-2's whole vocabulary; from scratch, the task's tokens do
         vocab = data.Vocab(range(50257)) if cfg.init_from else data.Vocab.from_texts(task.texts())
         splits = task.encoded(vocab.encode)
@@ -893,6 +897,21 @@ def stage_task(cfg):
         f"{len(task.heldout)} held-out / {len(task.eval_prompts)} evaluation prompts; "
         f"vocabulary {len(vocab)} of 50257 GPT-2 tokens")
     return task, vocab, splits
+
+
+def check_leaks(task, leaks, cfg):
+    """Training prompts that are also held-out or evaluation prompts: stop with one line naming how
+    many, where and an example, or with --drop_leaks drop them and say how many."""
+    where = ", ".join(f"{len(prompts)} in the {split} split" for split, prompts in leaks.items())
+    if not cfg.drop_leaks:
+        example = next(iter(leaks.values()))[0]
+        source = f" (--demos={cfg.demos})" if cfg.demos and "demonstrations" in leaks else ""
+        die(f"{sum(map(len, leaks.values()))} training prompts are also held-out or evaluation prompts: {where}"
+            f"{source}, e.g. {example[-60:]!r}; remove them from the training data, or rerun with "
+            f"--drop_leaks=true to drop them")
+    dropped = data.drop_leaked(task, leaks)
+    log(f"[task] --drop_leaks: dropped " + ", ".join(f"{n} {split} rows" for split, n in dropped.items())
+        + f" whose prompts are also held-out or evaluation prompts ({where})")
 
 
 def check_memory(cfg, vocab, host_fix=None):

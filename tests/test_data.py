@@ -149,3 +149,33 @@ def test_demonstrations_may_be_gzipped_and_a_misnamed_gzip_says_so(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(gzip.compress(line.encode()))
     with pytest.raises(data.DataError, match="gzipped, but its name does not end with .gz: name it .jsonl.gz"):
         data.read_demos(tmp_path / "d.jsonl")
+
+
+def small_task_with_leaks():
+    """A built-in smoke-size task in which some training rows reuse held-out and evaluation prompts."""
+    task = data.build_task(seed=0, n_pretrain=30, n_demo=10, n_rm=6, n_heldout=4, n_eval=5)
+    eval_prompt, heldout_prompt = task.eval_prompts[1], task.heldout[2][0]
+    task.demos[3] = (eval_prompt, " Sure." + data.EOT)
+    task.demos[7] = (eval_prompt, " Again." + data.EOT)       # the same leak twice: one distinct prompt
+    task.pretrain[0] = (heldout_prompt, " hm" + data.EOT)
+    task.rm_prompts[4] = eval_prompt
+    task.pref_pairs[4] = (eval_prompt, " a", " b")
+    return task, eval_prompt, heldout_prompt
+
+
+def test_leaked_prompts_finds_every_training_prompt_that_is_evaluated():
+    assert data.leaked_prompts(data.build_task(seed=0, n_pretrain=300, n_demo=100, n_rm=40, n_heldout=20,
+                                               n_eval=24)) == {}  # the built-in splits are disjoint
+    task, eval_prompt, heldout_prompt = small_task_with_leaks()
+    assert data.leaked_prompts(task) == {"pre-training": [heldout_prompt], "demonstrations": [eval_prompt],
+                                         "reward-model": [eval_prompt]}
+
+
+def test_drop_leaked_removes_those_rows_and_keeps_the_preference_pairs_aligned():
+    task, eval_prompt, heldout_prompt = small_task_with_leaks()
+    rm_before = list(zip(task.rm_prompts, task.pref_pairs))
+    dropped = data.drop_leaked(task, data.leaked_prompts(task))
+    assert dropped == {"pre-training": 1, "demonstrations": 2, "reward-model": 1}
+    assert (len(task.pretrain), len(task.demos), len(task.rm_prompts)) == (29, 8, 5) and data.leaked_prompts(task) == {}
+    assert list(zip(task.rm_prompts, task.pref_pairs)) == [row for row in rm_before if row[0] != eval_prompt]
+    assert all(p == pair[0] for p, pair in zip(task.rm_prompts, task.pref_pairs))

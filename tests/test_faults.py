@@ -292,3 +292,28 @@ def test_files_in_the_out_dir_that_are_not_ours_are_refused_or_redone(tmp_path, 
     (tmp_path / "results.json").write_text("[1, 2]")  # JSON, but not results: redone, not trusted
     cfg = train.parse_args(["--preset=smoke", f"--out_dir={tmp_path}"])
     assert train.saved_results(cfg) is None
+
+
+def test_demonstrations_holding_evaluation_prompts_stop_the_run_or_are_dropped(tmp_path, capsys):
+    """--demos with two of the evaluation prompts (one twice): one line naming the count, the split, the
+    file and the fix, before any work; with --drop_leaks=true the three rows are dropped and counted."""
+    cfg = train.parse_args(["--preset=smoke"])
+    task = train.data.build_task(cfg.seed, cfg.n_pretrain, cfg.n_demo, cfg.n_rm, cfg.n_heldout, cfg.n_eval,
+                                 cfg.multi_turn_prob, cfg.pref_noise_temp)
+    rows = [(p, " Fine.") for p, _ in task.demos[:5]] + [(task.eval_prompts[0], " 7.")] * 2 + \
+        [(task.eval_prompts[3], " No.")]
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        train.cli(["--preset=smoke", "--device=cpu", f"--out_dir={out}", f"--demos={demos}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "2 training prompts are also held-out or evaluation prompts: 2 in the demonstrations split" in err
+    assert f"(--demos={demos})" in err and "--drop_leaks=true" in err
+    assert not out.exists() or not list(out.iterdir())
+    cfg = train.parse_args(["--preset=smoke", "--device=cpu", f"--out_dir={out}", f"--demos={demos}",
+                            "--drop_leaks=true"])
+    task, _, splits = train.stage_task(cfg)
+    assert len(task.demos) == 5 and not set(p for p, _ in task.demos) & set(task.eval_prompts)
+    assert "--drop_leaks: dropped 3 demonstrations rows" in capsys.readouterr().out
