@@ -32,7 +32,7 @@ import random
 import sys
 import time
 import zlib
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -1251,6 +1251,53 @@ def check_out_dir(cfg):
         die(f"--out_dir={cfg.out_dir!r} is not writable; pick a writable folder")
 
 
+@contextmanager
+def out_dir_lock(out_dir):
+    """One run per out dir: <out_dir>/run.lock holds the running process's id while it runs. A second
+    run meets it with one line naming that process; a lock whose process is gone (a run that was
+    killed) is stale and taken over; the lock is removed when the run ends, also on Ctrl-C or an error."""
+    path = os.path.join(out_dir, "run.lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder is not None and holder != os.getpid() and process_alive(holder):
+                die(f"another run (process {holder}) is using --out_dir={out_dir}; wait for it to end or give "
+                    f"another --out_dir (if no such run is going, delete {path})")
+            with suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+        except OSError as e:
+            die(f"cannot create {path}: {e.strerror}; pick a writable --out_dir")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        if lock_holder(path) == os.getpid():
+            with suppress(OSError):
+                os.remove(path)
+
+
+def lock_holder(path):
+    """The process id written in a lock file, or None if there is none or it cannot be read."""
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by another user
+    return True
+
+
 def saved_results(cfg):
     """results.json of an earlier run with the same config and code, or None."""
     path = os.path.join(cfg.out_dir, "results.json")
@@ -1275,6 +1322,12 @@ def main(argv, host_fix=None):
     STAGE_TIMES.clear()
     check_out_dir(cfg)
     setup_distributed(cfg)
+    with out_dir_lock(cfg.out_dir) if is_main() else nullcontext():  # one run per out dir
+        return run_pipeline(cfg, host_fix)
+
+
+def run_pipeline(cfg, host_fix=None):
+    """The stages in order, then the results (results.json, report.md)."""
     t0 = time.time()
     task, vocab, splits = stage_task(cfg)
     if (results := saved_results(cfg)) is not None:  # nothing to redo; the report is redrawn from it

@@ -317,3 +317,35 @@ def test_demonstrations_holding_evaluation_prompts_stop_the_run_or_are_dropped(t
     task, _, splits = train.stage_task(cfg)
     assert len(task.demos) == 5 and not set(p for p, _ in task.demos) & set(task.eval_prompts)
     assert "--drop_leaks: dropped 3 demonstrations rows" in capsys.readouterr().out
+
+
+def test_one_run_per_out_dir_a_live_lock_refuses_a_stale_one_is_taken_over(tmp_path, capsys):
+    lock = tmp_path / "run.lock"
+    with train.out_dir_lock(str(tmp_path)):  # a run holds it while it runs, and removes it after
+        assert lock.read_text().split() == [str(os.getpid())]
+    assert not lock.exists()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # another process, alive: one line naming it, and its lock stays
+        lock.write_text(f"{sleeper.pid}\n")
+        with pytest.raises(SystemExit) as stop:
+            train.cli(["--preset=smoke", "--device=cpu", f"--out_dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"another run (process {sleeper.pid}) is using --out_dir={tmp_path}" in err
+        assert lock.read_text().split() == [str(sleeper.pid)] and sorted(os.listdir(tmp_path)) == ["run.lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    for stale in (f"{sleeper.pid}\n", "not a pid\n", ""):  # its process is gone, or the file says nothing
+        lock.write_text(stale)
+        with train.out_dir_lock(str(tmp_path)):
+            assert lock.read_text().split() == [str(os.getpid())]
+        assert not lock.exists()
+
+
+def test_the_lock_is_released_when_the_run_fails_or_is_interrupted(tmp_path):
+    for error in (KeyboardInterrupt, RuntimeError):
+        with pytest.raises(error):
+            with train.out_dir_lock(str(tmp_path)):
+                raise error()
+        assert not (tmp_path / "run.lock").exists()

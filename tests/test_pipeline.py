@@ -37,6 +37,7 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
         assert math.isfinite(p["golden_reward"]) and p["golden_reward_stderr"] >= 0
         assert 0 <= p["win_rate_vs_sft"] <= 1
     assert results["policies"][2]["golden_reward"] == 2.5  # the demonstrator is always right
+    assert not (out / "run.lock").exists()  # one run per out dir: the lock goes with the run
     assert results["golden_reward"]["kind"] == "program"
     assert [r["name"] for r in results["reward_models"]] == ["init_sft", "init_demo", "sft_demo", "pref", "logratio",
                                                              "ava_d", "ava_p"]
