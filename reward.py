@@ -135,9 +135,10 @@ class AVARewardModel(nn.Module):
         forward, so that DistributedDataParallel sees the training call.)"""
         if isinstance(idx, SharedPrompts):
             idx, targets, last = full_rows(idx)
-        mu, log_sigma, q_weighted, q_taken = heads = self.heads(idx, targets, alpha)
+        heads = self.heads(idx, targets, alpha)
         if readout == "heads":
             return heads
+        mu = heads[0]                                                # (B, T) w_t mu_t
         if readout == "sum":
             return mu.sum(dim=1)
         return mu.gather(1, last_response_position(targets).unsqueeze(1)).squeeze(1)
