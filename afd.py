@@ -1,45 +1,37 @@
 """
 The methods of alignment from demonstrations, in the order METHOD.md presents them. Each
-objective is a short function whose docstring carries its formula; each method is one
-function that reads top to bottom, its phases numbered.
+objective is a short function whose docstring carries its formula; each method is one function
+that reads top to bottom: its models, its optimisers, and its training loop written out.
 
-    sft_loss                    2   forward KL = SFT on the demonstrations
+    lr_at, optimizer_step       1   what every training loop shares: the schedule, one AdamW step
+    sft_loss, sft               2   forward KL = SFT on the demonstrations
     discriminator_loss          3   reverse KL: the discriminator's classification loss
-    sample_batch                4   one sampling step: K responses per prompt, as tensors
-    rloo_advantages, policy_gradient_loss, rloo_loss
-                                4   the RLOO policy-gradient loss with a KL penalty
-    adversarial_step, afd_adversarial
+    sample_batch, rloo_advantages, policy_gradient_loss, rloo_loss
+                                4   one sampling step, and the RLOO policy-gradient loss with a KL penalty
+    discriminator_step, afd_adversarial
                                 5   the adversarial method (GAIL-style)
-    TAILORED, tailored_triples, discriminator_batch_loss
-                                6   the tailored reward models' data: both classes on the same prompts
-    rl_step, rl_on_reward       6   RL on a fixed reward (a tailored reward model, AVA-d)
+    TAILORED, tailored_triples, discriminator_batch_loss, train_reward_model
+                                6   the reward models' recipe: which responses are positives and negatives
+    rl_step, rl_steps, rl_on_reward
+                                6   RL on a fixed reward (a tailored reward model, AVA-d)
     irl_round, irl_iterated     7   iterated IRL with an explicit reward
     irft_loss, irft_stage, irft 8   IRFT (the implicit reward; one stage is SPIN)
-    best_of_n, best_of_n_estimate, kl_bound
-                                9   Best-of-N and its every-n estimator
+    best_of_n, best_of_n_estimate, majority_vote, kl_bound, best_of_n_evaluation
+                                9   Best-of-N, its every-n estimator, the oracle and majority rows
     ava_d_direct                10  AVA-d's direct optimisation: the policy is AVA's Q model
     mean_stderr, win_rate_indicator, kl_estimate
                                 11  evaluation
 
-A step function (adversarial_step, rl_step) returns the policy's loss for one optimiser step
-(adversarial_step takes the discriminator's own step first, in plain sight); the policy's
-optimiser step (gradient clipping, AdamW, the learning-rate schedule) is train.fit's.
-A whole method (afd_adversarial, rl_on_reward, irl_iterated, irft) is handed `run`, train.py's
-plumbing, which does nothing specific to a method:
-    run.train(model, name, loss_of_batch, batch_at, steps, lr)   `steps` AdamW steps on
-        loss_of_batch(model, batch_at(step)), checkpointed and resumable, saved as <name>.pt
-        (loaded instead when <name>.pt is up to date)
-    run.policy_batches(label)        batch_at(step) -> PolicyBatch: a step's prompts
-    run.triple_batches(triples, label)  batch_at(step) -> a batch of B better, then B worse rows
-    run.demonstrations(label, part=0, parts=1)  a random subset of the demonstration prompts, with
-        theirs (parts > 1: the part-th of disjoint slices)
-    run.demonstration_batches(label) batch_at(step) -> a batch of demonstrations (data.make_batch)
-    run.sample(policy, prompts, label, temperature=None)  one response per prompt (split across processes)
-    run.data_parallel(model)         the model, wrapped for data parallelism under torchrun
+A training loop names what makes it resumable in one line, `ckpt = Checkpoint(stage, name,
+policy=..., opt=...)` (training.py: a killed run goes on from its last checkpoint, a finished
+one is loaded), and draws step-indexed batches from `batches` (training.Batches):
+    batches.policy(label, step)             -> (prompts, their demonstrations, the step's generator)
+    batches.pairs(rows, label, step)        -> a data.make_batch of (prompt, response) rows
+    batches.triples(triples, label, step)   -> B better responses, then the B worse ones
+    batches.demonstrations(label, part, parts)  -> a random subset of the demonstrations
 `label` names a random stream: the same label, the same draws.
 """
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +39,39 @@ import torch.nn.functional as F
 from data import make_batch
 from model import (configure_optimizer, frozen_copy, generate, masked_mean, sequence_logprob, shared_prompt_batch,
                    token_logprobs, trainable_copy)
-from reward import AVARewardModel, RewardModel, ava_d_loss, pairwise_loss
+from parallel import autocast, average_gradients, sample
+from reward import AVA, AVARewardModel, RewardModel, ava_d_loss, ava_p_loss, pairwise_loss
+from training import Checkpoint, check_finite, stable_seed
+
+
+# ----------------------------------------------------------------------------------------
+# 1. What every training loop shares
+
+
+def lr_at(step, steps, lr, cfg):
+    """The learning rate at a step: a linear warm-up over cfg.warmup_steps, times a cosine decay
+    from lr to lr / 10 over the run (nanoGPT's schedule, with a floor at a tenth)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    return lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def optimizer_step(model, opt, loss, lr, grad_clip):
+    """One optimiser step on loss at learning rate lr, its gradient clipped to norm grad_clip. A NaN
+    or infinite loss or gradient stops the run before the weights change (training.check_finite)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    check_finite("loss", loss, model)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(model)  # under torchrun, every process's mean; nothing to do in one process
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    check_finite("gradient norm", grad_norm, model)
+    opt.step()
 
 
 # ----------------------------------------------------------------------------------------
 # 2. Forward KL: SFT
+
 
 def sft_loss(model, idx, targets):
     """Forward KL to the demonstrator = SFT (METHOD.md section 2, mass-covering):
@@ -62,8 +82,23 @@ def sft_loss(model, idx, targets):
     return -masked_mean(token_logprobs(model, idx, targets), targets != -100)
 
 
+def sft(pi_init, batches, stage, cfg):
+    """SFT, whole: pi_sft from pi_init, cfg.sft_steps steps of sft_loss on the demonstrations."""
+    pi_sft = trainable_copy(pi_init)
+    opt = configure_optimizer(pi_sft, cfg.sft_lr, cfg.weight_decay)
+    ckpt = Checkpoint(stage, "pi_sft", model=pi_sft, opt=opt)
+    for step in ckpt.steps(cfg.sft_steps):
+        idx, targets, _ = batches.pairs(batches.demos, "sft", step)     # (B, T) each
+        with autocast(cfg):
+            loss = sft_loss(pi_sft, idx, targets)
+        optimizer_step(pi_sft, opt, loss, lr_at(step, cfg.sft_steps, cfg.sft_lr, cfg), cfg.grad_clip)
+        ckpt.log(step, loss)
+    return pi_sft
+
+
 # ----------------------------------------------------------------------------------------
 # 3. Reverse KL: the discriminator
+
 
 def discriminator_loss(r_pos, r_neg):
     """The discriminator's loss on logits r = logit D(x, y) (METHOD.md section 3); the
@@ -79,16 +114,7 @@ def discriminator_loss(r_pos, r_neg):
 # ----------------------------------------------------------------------------------------
 # 4. The policy gradient: one sampling step, then the RLOO loss on its tensors
 
-@dataclass
-class PolicyBatch:
-    """The inputs of one policy step (train.py's run.policy_batches makes one per step)."""
-    prompts: list                # P demonstration prompts (token lists)
-    demonstrations: list         # their demonstrated responses (token lists)
-    eos_id: int                  # the end-of-text token: ends a sampled response, pads a batch
-    generator: torch.Generator   # this step's random draws, on the policy's device
 
-
-@torch.no_grad()
 def sample_batch(policy, prompts, group_size, max_new_tokens, eos_id, generator, temperature=1.0, shared=False):
     """One sampling step (METHOD.md section 4): y_i ~ pi(.|x), group_size of them per prompt.
     Returns the batch (idx, targets, last), rows prompt-major: the group_size samples of the first
@@ -96,9 +122,8 @@ def sample_batch(policy, prompts, group_size, max_new_tokens, eos_id, generator,
     model.shared_prompt_batch's: then every forward on the batch (the policy's, the reference's, a
     reward model's) runs each prompt once for its group. The same numbers to float tolerance, but
     not bit for bit, and sampling amplifies the difference over a run (train.py's --pg_shared_prompts)."""
-    model = getattr(policy, "module", policy)  # a DistributedDataParallel wrapper samples through its module
-    device = next(model.parameters()).device
-    tokens, lengths = generate(model, prompts, group_size, max_new_tokens, eos_id, temperature, None, generator)
+    device = next(policy.parameters()).device
+    tokens, lengths = generate(policy, prompts, group_size, max_new_tokens, eos_id, temperature, None, generator)
     responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
     if shared:
         groups = [responses[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
@@ -151,59 +176,52 @@ def rloo_loss(policy, ref, samples, rewards, group_size, beta_kl):
 # ----------------------------------------------------------------------------------------
 # 5. The adversarial method: reverse KL to the demonstrator
 
-def adversarial_step(policy, ref, disc, disc_opt, batch, cfg):
-    """One step of adversarial imitation (METHOD.md section 5): a discriminator step, then the
-    policy-gradient loss on the reward r(x, y) = logit D(x, y), KL-penalised to ref (pi_sft).
 
-    disc is trained to tell demonstrations (label 1) from the policy's samples (label 0) with
-    discriminator_loss; at its optimum r = log d^beta(y|x) - log d^pi(y|x), so maximising
-    E_pi[r] minimises the reverse KL(d^pi || d^beta). batch is a PolicyBatch; the policy's
-    optimiser step is the caller's. Returns (loss, stats).
-    """
-    K = cfg.pg_group
-    # 1. sample K responses per prompt from the current policy
-    samples = sample_batch(policy, batch.prompts, K, cfg.max_new_tokens, batch.eos_id, batch.generator,
-                           cfg.temperature, cfg.pg_shared_prompts)
-    demos = make_batch(batch.prompts, batch.demonstrations, batch.eos_id, samples[1].device)
-    # 2. one discriminator step: the demonstrations against the samples
+def discriminator_step(disc, disc_opt, demos, samples, cfg):
+    """One step of the discriminator D (METHOD.md section 5): discriminator_loss with the
+    demonstrations as positives (label 1) and the policy's samples as negatives (label 0), at the
+    constant learning rate cfg.disc_lr. Returns its accuracy on the batch, before the step."""
     disc.train()
     r_demo, r_sample = disc(*demos), disc(*samples)                  # (P,), (P*K,)
-    disc_loss = discriminator_loss(r_demo, r_sample)
-    disc_opt.zero_grad(set_to_none=True)
-    disc_loss.backward()
-    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-    disc_opt.step()
+    optimizer_step(disc, disc_opt, discriminator_loss(r_demo, r_sample), cfg.disc_lr, cfg.grad_clip)
     disc.eval()
-    disc_acc = 0.5 * float((r_demo > 0).float().mean() + (r_sample < 0).float().mean())
-    # 3. the rewards: the updated discriminator's logits on the samples, constants
-    with torch.no_grad():
-        rewards = disc(*samples).float()                             # (P*K,)
-    # 4. the policy-gradient loss
-    loss, stats = rloo_loss(policy, ref, samples, rewards, K, cfg.beta_kl)
-    return loss, {**stats, "disc_acc": disc_acc}
+    return 0.5 * float((r_demo > 0).float().mean() + (r_sample < 0).float().mean())
 
 
-def afd_adversarial(pi_init, pi_sft, run, cfg):
-    """The adversarial method, whole: from pi_sft, alternate a discriminator step and a policy
-    step for cfg.pg_steps steps (the discriminator starts from pi_init's trunk):
-
-        for step in range(pg_steps):
-            loss = adversarial_step(pi, pi_sft, D, ...)   # D's step is inside
-            AdamW step of pi on loss                       # train.fit
+def afd_adversarial(pi_init, pi_sft, batches, stage, cfg):
+    """The adversarial method (METHOD.md section 5), from pi_sft: at each step a discriminator step,
+    then a policy-gradient step on the reward r(x, y) = logit D(x, y), KL-penalised to pi_sft. D
+    (from pi_init's trunk) tells demonstrations from the policy's samples; at its optimum
+    r = log d^beta(y|x) - log d^pi(y|x), so maximising E_pi[r] minimises KL(d^pi || d^beta).
     """
     policy, ref = trainable_copy(pi_sft), frozen_copy(pi_sft)
-    disc = RewardModel.from_policy(pi_init).to(next(pi_init.parameters()).device)
+    disc = RewardModel.from_policy(pi_init).to(cfg.device)
+    opt = configure_optimizer(policy, cfg.pg_lr, cfg.weight_decay)
     disc_opt = configure_optimizer(disc, cfg.disc_lr, cfg.weight_decay)
-    disc_parallel = run.data_parallel(disc)
-    run.train(policy, "policy_afd_adversarial",
-              lambda pi, batch: adversarial_step(pi, ref, disc_parallel, disc_opt, batch, cfg),
-              run.policy_batches("adversarial"), cfg.pg_steps, cfg.pg_lr,
-              aux=(disc, disc_opt))  # the discriminator is checkpointed with the policy
+    ckpt = Checkpoint(stage, "policy_afd_adversarial", policy=policy, opt=opt, disc=disc, disc_opt=disc_opt)
+    for step in ckpt.steps(cfg.pg_steps):
+        prompts, demonstrations, generator = batches.policy("adversarial", step)
+        # 1. sample K responses per prompt from the current policy
+        with autocast(cfg):
+            samples = sample_batch(policy, prompts, cfg.pg_group, cfg.max_new_tokens, batches.eos_id, generator,
+                                   cfg.temperature, cfg.pg_shared_prompts)
+        # 2. one discriminator step: the demonstrations against the samples
+        demos = make_batch(prompts, demonstrations, batches.eos_id, cfg.device)
+        disc_acc = discriminator_step(disc, disc_opt, demos, samples, cfg)
+        # 3. the rewards: the updated discriminator's logits on the samples, constants
+        with torch.no_grad():
+            rewards = disc(*samples).float()                         # (P*K,)
+        # 4. one policy step on the RLOO loss
+        with autocast(cfg):
+            loss, stats = rloo_loss(policy, ref, samples, rewards, cfg.pg_group, cfg.beta_kl)
+        optimizer_step(policy, opt, loss, lr_at(step, cfg.pg_steps, cfg.pg_lr, cfg), cfg.grad_clip)
+        ckpt.log(step, loss, **stats, disc_acc=disc_acc)
     return policy
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Tailored reward models, and RL on a fixed reward
+# 6. The reward models, and RL on a fixed reward
+
 
 TAILORED = {"init_sft": ("sft", "init"), "init_demo": ("demo", "init"), "sft_demo": ("demo", "sft")}
 """Each tailored reward model's classes: name -> (positives, negatives), all on the same prompts."""
@@ -228,12 +246,43 @@ def discriminator_batch_loss(model, batch):
     return discriminator_loss(r[:B], r[B:])
 
 
-def rl_step(policy, ref, reward_model, batch, cfg):
-    """One policy-gradient step on a fixed reward model r (METHOD.md section 6):
+def train_reward_model(name, pi_init, demos, pref, samples, batches, stage, cfg):
+    """Reward model `name` of reward.RM_NAMES but logratio (METHOD.md sections 6 and 10), its trunk
+    from pi_init, cfg.rm_steps steps on its own data:
+      init_sft, init_demo, sft_demo  discriminator_loss, positives against negatives on the same
+                                     n_rm demonstration prompts (TAILORED; samples: the sample stage's)
+      pref                           Bradley-Terry on the preference pairs (prompt, chosen, rejected)
+      ava_d                          AVA-d on the demonstrations (prompt, response)
+      ava_p                          AVA-p on the preference pairs
+    """
+    triples = (tailored_triples(name, samples["prompts"], samples["demos"], samples["init"], samples["sft"])
+               if name in TAILORED else pref)
+    rm = (AVARewardModel if name in AVA else RewardModel).from_policy(pi_init).to(cfg.device)
+    opt = configure_optimizer(rm, cfg.rm_lr, cfg.weight_decay)
+    ckpt = Checkpoint(stage, f"rm_{name}", rm=rm, opt=opt)
+    for step in ckpt.steps(cfg.rm_steps):
+        with autocast(cfg):
+            if name == "ava_d":  # demonstrations only
+                idx, targets, _ = batches.pairs(demos, f"rm_{name}", step)
+                loss = ava_d_loss(rm, idx, targets, cfg.ava_lambda, cfg.ava_gamma, cfg.ava_alpha, cfg.ava_beta)
+            elif name == "ava_p":  # B chosen, then their B rejected
+                idx, targets, _ = batches.triples(triples, f"rm_{name}", step)
+                loss = ava_p_loss(rm, idx, targets, cfg.ava_lambda, cfg.ava_gamma, cfg.ava_alpha, cfg.ava_beta)
+            elif name == "pref":
+                loss = pairwise_loss(rm, batches.triples(triples, f"rm_{name}", step))
+            else:  # a tailored classifier: B positives, then their B negatives
+                loss = discriminator_batch_loss(rm, batches.triples(triples, f"rm_{name}", step))
+        optimizer_step(rm, opt, loss, lr_at(step, cfg.rm_steps, cfg.rm_lr, cfg), cfg.grad_clip)
+        ckpt.log(step, loss)
+    return rm
+
+
+def rl_step(policy, ref, reward_model, prompts, generator, eos_id, cfg):
+    """The loss of one policy-gradient step on a fixed reward model r (METHOD.md section 6):
     maximise E_{y ~ pi}[r(x, y)] - beta_kl KL(pi || ref) with RLOO. Returns (loss, stats)."""
     # 1. sample K responses per prompt from the current policy
-    samples = sample_batch(policy, batch.prompts, cfg.pg_group, cfg.max_new_tokens, batch.eos_id,
-                           batch.generator, cfg.temperature, cfg.pg_shared_prompts)
+    samples = sample_batch(policy, prompts, cfg.pg_group, cfg.max_new_tokens, eos_id, generator, cfg.temperature,
+                           cfg.pg_shared_prompts)
     # 2. the rewards, constants
     with torch.no_grad():
         rewards = reward_model(*samples).float()                     # (P*K,)
@@ -241,25 +290,33 @@ def rl_step(policy, ref, reward_model, batch, cfg):
     return rloo_loss(policy, ref, samples, rewards, cfg.pg_group, cfg.beta_kl)
 
 
-def rl_on_reward(name, pi_sft, reward_model, run, cfg):
-    """RL from pi_sft on an already trained reward model (init_sft: AfD's tailored reward
-    model used for training rather than reranking; ava_d: AVA's sum_t mu_t), KL to pi_sft:
+def rl_steps(name, label, policy, ref, reward_model, steps, batches, stage, cfg):
+    """`steps` steps of rl_step on the policy (trained in place), saved as <name>.pt."""
+    opt = configure_optimizer(policy, cfg.pg_lr, cfg.weight_decay)
+    ckpt = Checkpoint(stage, name, policy=policy, opt=opt)
+    for step in ckpt.steps(steps):
+        prompts, _, generator = batches.policy(label, step)
+        with autocast(cfg):
+            loss, stats = rl_step(policy, ref, reward_model, prompts, generator, batches.eos_id, cfg)
+        optimizer_step(policy, opt, loss, lr_at(step, steps, cfg.pg_lr, cfg), cfg.grad_clip)
+        ckpt.log(step, loss, **stats)
 
-        for step in range(pg_steps):
-            AdamW step of pi on rl_step(pi, pi_sft, r, ...)
-    """
+
+def rl_on_reward(name, pi_sft, reward_model, batches, stage, cfg):
+    """RL from pi_sft on an already trained reward model, KL to pi_sft (init_sft: AfD's tailored
+    reward model used for training rather than reranking; ava_d: AVA's expected return)."""
     policy, ref = trainable_copy(pi_sft), frozen_copy(pi_sft)
-    run.train(policy, f"policy_{name}", lambda pi, batch: rl_step(pi, ref, reward_model, batch, cfg),
-              run.policy_batches(name), cfg.pg_steps, cfg.pg_lr)
+    rl_steps(f"policy_{name}", name, policy, ref, reward_model, cfg.pg_steps, batches, stage, cfg)
     return policy
 
 
 # ----------------------------------------------------------------------------------------
 # 7. Iterated IRL with an explicit reward
 
-def irl_round(k, pi_sft, policy, triples, run, cfg):
+
+def irl_round(k, pi_sft, policy, triples, batches, stage, cfg):
     """Round k of iterated IRL (METHOD.md section 7; arXiv 2503.13538 and its released code),
-    from pi_k = policy:
+    from pi_k = policy (trained in place); returns P_k:
       1. sample y~ ~ pi_k(.|x) near-greedily (temperature irl_temperature) on a random subset
          of the demonstration prompts;
       2. aggregate: P_k = P_{k-1} + {(x, y^E, y~)};
@@ -267,39 +324,41 @@ def irl_round(k, pi_sft, policy, triples, run, cfg):
          L_R = -E_{P_k} log sigma(r(x, y^E) - r(x, y~)) (Bradley-Terry, the demonstration
          always the winner: no preference labels);
       4. policy steps: maximise E_{y ~ pi}[r_k(x, y)] - beta_kl KL(pi || pi_k), giving pi_{k+1}.
-    policy is trained in place; returns P_k.
     """
     # 1. sample: pi_k answers the round's demonstration prompts, near-greedily
-    prompts, demonstrations = run.demonstrations(f"irl_round{k}")
-    own = run.sample(policy, prompts, f"irl_round{k}", temperature=cfg.irl_temperature)
+    prompts, demonstrations = batches.demonstrations(f"irl_round{k}")
+    own = sample(policy, prompts, 1, cfg, batches.eos_id, stable_seed(cfg.seed, f"irl_round{k}"),
+                 f"sample irl_round{k}", temperature=cfg.irl_temperature)
     # 2. aggregate the (prompt, demonstration, own sample) triples of every round so far
     triples = triples + list(zip(prompts, demonstrations, own))
     # 3. reward steps: a fresh reward model from pi_sft; the demonstration beats pi_j's sample, j <= k
-    reward_model = RewardModel.from_policy(pi_sft).to(next(pi_sft.parameters()).device)
-    run.train(reward_model, f"rm_irl_iterated_round{k}", pairwise_loss, run.triple_batches(triples, f"irl_rm{k}"),
-              cfg.irl_rm_steps, cfg.rm_lr)
+    reward_model = RewardModel.from_policy(pi_sft).to(cfg.device)
+    opt = configure_optimizer(reward_model, cfg.rm_lr, cfg.weight_decay)
+    ckpt = Checkpoint(stage, f"rm_irl_iterated_round{k}", rm=reward_model, opt=opt)
+    for step in ckpt.steps(cfg.irl_rm_steps):
+        with autocast(cfg):
+            loss = pairwise_loss(reward_model, batches.triples(triples, f"irl_rm{k}", step))
+        optimizer_step(reward_model, opt, loss, lr_at(step, cfg.irl_rm_steps, cfg.rm_lr, cfg), cfg.grad_clip)
+        ckpt.log(step, loss)
     # 4. policy steps on the round's fixed reward, KL to pi_k
-    ref, reward = frozen_copy(policy), frozen_copy(reward_model)
-    run.train(policy, f"policy_irl_iterated_round{k}", lambda pi, batch: rl_step(pi, ref, reward, batch, cfg),
-              run.policy_batches(f"irl{k}"), max(1, cfg.pg_steps // cfg.irl_rounds), cfg.pg_lr)
+    rl_steps(f"policy_irl_iterated_round{k}", f"irl{k}", policy, frozen_copy(policy), frozen_copy(reward_model),
+             max(1, cfg.pg_steps // cfg.irl_rounds), batches, stage, cfg)
     return triples
 
 
-def irl_iterated(pi_sft, run, cfg):
-    """Iterated IRL, whole: pi_0 = pi_sft, P_{-1} = {}:
-
-        for k in range(irl_rounds):
-            P_k = irl_round(k, pi_k, P_{k-1})    # r_k fresh from pi_sft on P_k; pi_k -> pi_{k+1}
-    """
+def irl_iterated(pi_sft, batches, stage, cfg):
+    """Iterated IRL, whole: pi_0 = pi_sft, P_{-1} = {}; round k trains r_k fresh from pi_sft on
+    P_k and takes pi_k to pi_{k+1}."""
     policy = trainable_copy(pi_sft)
     triples = []
     for k in range(cfg.irl_rounds):
-        triples = irl_round(k, pi_sft, policy, triples, run, cfg)
+        triples = irl_round(k, pi_sft, policy, triples, batches, stage, cfg)
     return policy
 
 
 # ----------------------------------------------------------------------------------------
 # 8. IRFT: the implicit reward
+
 
 def irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, beta):
     """IRFT (METHOD.md section 8; SPIN is one stage): the implicit reward beta*log(pi/pi_t) in a
@@ -312,7 +371,7 @@ def irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, beta):
     return -F.logsigmoid(beta * margin).mean()
 
 
-def irft_stage(t, policy, run, cfg):
+def irft_stage(t, policy, batches, stage, cfg):
     """Stage t of IRFT (METHOD.md section 8), from pi_t = policy (trained in place):
       1. sample y~ ~ pi_t(.|x) on the stage's own slice of the demonstrations (the stages'
          slices are disjoint, as in IRFT's released code);
@@ -320,37 +379,38 @@ def irft_stage(t, policy, run, cfg):
       3. steps on irft_loss, the demonstration winning over pi_t's own sample.
     """
     # 1. sample: pi_t answers the stage's demonstration prompts
-    prompts, demonstrations = run.demonstrations("irft", part=t, parts=cfg.irft_stages)
-    triples = list(zip(prompts, demonstrations, run.sample(policy, prompts, f"irft{t}")))
+    prompts, demonstrations = batches.demonstrations("irft", part=t, parts=cfg.irft_stages)
+    own = sample(policy, prompts, 1, cfg, batches.eos_id, stable_seed(cfg.seed, f"irft{t}"), f"sample irft{t}")
+    triples = list(zip(prompts, demonstrations, own))
     # 2. the frozen reference
     ref = frozen_copy(policy)
-
     # 3. steps on the IRFT loss; a batch holds B demonstrations, then the B samples
-    def loss_of_batch(pi, batch):
-        idx, targets, _ = batch
-        logp = sequence_logprob(pi, idx, targets)                    # (2B,)
-        with torch.no_grad():
-            logp_ref = sequence_logprob(ref, idx, targets)           # (2B,)
-        B = logp.shape[0] // 2
-        return irft_loss(logp[:B], logp_ref[:B], logp[B:], logp_ref[B:], cfg.irft_beta)
-    run.train(policy, f"policy_irft_stage{t}", loss_of_batch, run.triple_batches(triples, f"irft{t}"),
-              max(1, cfg.pg_steps // cfg.irft_stages), cfg.pg_lr)
+    steps = max(1, cfg.pg_steps // cfg.irft_stages)
+    opt = configure_optimizer(policy, cfg.pg_lr, cfg.weight_decay)
+    ckpt = Checkpoint(stage, f"policy_irft_stage{t}", policy=policy, opt=opt)
+    for step in ckpt.steps(steps):
+        idx, targets, _ = batches.triples(triples, f"irft{t}", step)
+        with autocast(cfg):
+            logp = sequence_logprob(policy, idx, targets)            # (2B,)
+            with torch.no_grad():
+                logp_ref = sequence_logprob(ref, idx, targets)       # (2B,)
+            B = logp.shape[0] // 2
+            loss = irft_loss(logp[:B], logp_ref[:B], logp[B:], logp_ref[B:], cfg.irft_beta)
+        optimizer_step(policy, opt, loss, lr_at(step, steps, cfg.pg_lr, cfg), cfg.grad_clip)
+        ckpt.log(step, loss)
 
 
-def irft(pi_sft, run, cfg):
-    """IRFT, whole: pi_0 = pi_sft;
-
-        for t in range(irft_stages):
-            irft_stage(t, pi_t)                      # pi_t -> pi_{t+1}
-    """
+def irft(pi_sft, batches, stage, cfg):
+    """IRFT, whole: pi_0 = pi_sft; stage t takes pi_t to pi_{t+1}."""
     policy = trainable_copy(pi_sft)
     for t in range(cfg.irft_stages):
-        irft_stage(t, policy, run, cfg)
+        irft_stage(t, policy, batches, stage, cfg)
     return policy
 
 
 # ----------------------------------------------------------------------------------------
 # 9. Best-of-N
+
 
 def best_of_n(scores):
     """Best-of-N selection: scores (P, N) reward of N candidates per prompt -> (P,) argmax."""
@@ -397,30 +457,48 @@ def kl_bound(n):
     return math.log(n) - (n - 1) / n
 
 
+def best_of_n_evaluation(scores, golden, text_ids, values, sizes, seed):
+    """Best-of-n for every n in sizes from one draw of N candidates per prompt (METHOD.md section 9),
+    as {picker: {n: {value: (P,) the expected value of the pick}}}, where a picker is
+      each reward model of scores {name: (P, N) its scores of the candidates}: the best-scored of n,
+      "oracle": the best of n by the golden reward (P, N) itself, the ceiling of any reward model,
+      "majority": the most frequent text of n (self-consistency: text_ids (P, N), no reward),
+    and values {value: (P, N)} (the golden reward, a win indicator, ...) what is averaged."""
+    pickers = {name: (lambda v, n, s=s: best_of_n_estimate(s, v, n)) for name, s in scores.items()}
+    pickers["oracle"] = lambda v, n: best_of_n_estimate(golden, v, n)
+    kept = {n: majority_vote(text_ids, n, torch.Generator().manual_seed(stable_seed(seed, "majority", n)))
+            for n in sizes if n > 1}  # (P, draws) each; at n = 1 every sample is its own majority
+    pickers["majority"] = lambda v, n: v.double().mean(dim=1) if n == 1 else torch.gather(v.double(), 1,
+                                                                                          kept[n]).mean(dim=1)
+    return {name: {n: {key: pick(v, n) for key, v in values.items()} for n in sizes}
+            for name, pick in pickers.items()}
+
+
 # ----------------------------------------------------------------------------------------
 # 10. AVA's direct optimisation
 
-def ava_d_direct(pi_sft, run, cfg):
+
+def ava_d_direct(pi_sft, batches, stage, cfg):
     """AVA-d's direct optimisation (arXiv 2411.09341, "AVA pipelines"; METHOD.md section 10): the
     policy is the Boltzmann policy of AVA's Q model, whose Q head is the policy's own LM head,
     Q(s, .) = log softmax(alpha z(s)). From pi_sft, the Q model (the policy) and a fresh reward
-    head are trained jointly on the AVA-d objective over the demonstrations:
-
-        for step in range(pg_steps):
-            AdamW step of (pi, reward head) on reward.ava_d_loss(a batch of demonstrations)
-
-    Returns the trunk: with alpha * beta = 1 the Boltzmann policy softmax(beta Q) = softmax(z) is it.
-    """
-    model = AVARewardModel.from_policy(pi_sft).to(next(pi_sft.parameters()).device)
-    run.train(model, "policy_ava_d_direct",
-              lambda m, batch: ava_d_loss(m, batch[0], batch[1], cfg.ava_lambda, cfg.ava_gamma, cfg.ava_alpha,
-                                          cfg.ava_beta),
-              run.demonstration_batches("ava_d_direct"), cfg.pg_steps, cfg.pg_lr)
+    head are trained jointly on reward.ava_d_loss over the demonstrations. Returns the trunk: with
+    alpha * beta = 1 the Boltzmann policy softmax(beta Q) = softmax(z) is it."""
+    model = AVARewardModel.from_policy(pi_sft).to(cfg.device)
+    opt = configure_optimizer(model, cfg.pg_lr, cfg.weight_decay)
+    ckpt = Checkpoint(stage, "policy_ava_d_direct", model=model, opt=opt)
+    for step in ckpt.steps(cfg.pg_steps):
+        idx, targets, _ = batches.pairs(batches.demos, "ava_d_direct", step)
+        with autocast(cfg):
+            loss = ava_d_loss(model, idx, targets, cfg.ava_lambda, cfg.ava_gamma, cfg.ava_alpha, cfg.ava_beta)
+        optimizer_step(model, opt, loss, lr_at(step, cfg.pg_steps, cfg.pg_lr, cfg), cfg.grad_clip)
+        ckpt.log(step, loss)
     return model.trunk
 
 
 # ----------------------------------------------------------------------------------------
 # 11. Evaluation
+
 
 def win_rate_indicator(golden, golden_ref):
     """1 if the response beats the reference response of its prompt, 1/2 on a tie, else 0."""

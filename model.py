@@ -1,58 +1,22 @@
 """
-The GPT used by both the policy and the reward model of this alignment-from-
-demonstrations project: a small, nanoGPT-style decoder-only transformer.
+The GPT that is both the policy and every reward model's trunk: a small nanoGPT-style decoder
+(pre-LayerNorm, scaled_dot_product_attention, tied embeddings; module names follow GPT-2, whose
+weights gpt2.py loads), with what the methods do with it:
 
-API
-    GPTConfig                      hyperparameters (dataclass)
-    GPT(config)                    the model
-      .forward(idx, targets=None)  -> (logits (B, T, V), mean NLL loss or None)
-      .hidden(idx, pos=None, attn_mask=None, cache=None, cache_pos=0, prefix=None)
-                                   -> final hidden states (B, T, C) after ln_f; idx may be a SharedPrompts
-      .prompt_pass(idx, real)      -> each prompt's keys/values and hidden states, computed once
-    SharedPrompts, shared_prompt_batch(prompts, responses, pad_id, device)
-                                   -> data.make_batch's (idx, targets, last) for prompts with n responses
-                                      each, every prompt run once (scoring: train.score)
-    left_padded(prompts, device)   -> (idx, real) a left-padded batch of token lists
-    score_pairs(scorer, prompts, responses, pad_id, device, batch=256)
-                                   -> (B,) a scorer on flat lists of pairs, each prompt run once for a
-                                      group of its responses, equal pairs scored once, batches by length
-    token_logprobs(model, idx, targets)  -> (B, T) per-token log-probs, 0 at -100
-    sequence_logprob(model, idx, targets)  -> (B,) log-prob of each response, the sum of the above
-    masked_mean(values, mask)      -> the mean over the unmasked entries (0 when there are none)
-    generate(model, prompts, n_samples, max_new_tokens, eos_id, ...)
-                                   -> (tokens, lengths), KV-cached sampling; a prompt's keys/values
-                                      are computed and stored once, shared by its n_samples rows; most
-                                      rows that have ended stop being run (the same tokens)
-    shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias)  -> the attention used for that
-    configure_optimizer(model, lr, weight_decay, betas)  -> AdamW
-    num_params(model)              -> number of (unique) parameters
-    memory_bytes(config, batch_size, sample_rows)  -> rough peak bytes of training and of sampling
-    trainable_copy(policy), frozen_copy(model)  -> copies of a model to train, or to hold fixed
-    atomic_write(path, write)      -> write a file through a temporary one and a rename
-
-Pre-trained GPT-2 (Hugging Face layout, model.safetensors):
-    GPT.from_gpt2(name_or_path, cache_dir=None, dropout=0.0)  -> GPT with the GPT-2 weights
-    gpt2_safetensors(name_or_path, cache_dir=None)  -> local path (downloads gpt2..gpt2-xl if needed)
-    read_safetensors(path)         -> {name: tensor}
-    gpt2_state_dict(tensors)       -> our state_dict (renamed, Conv1D weights transposed)
-    gpt2_config(state_dict, hf_config=None, dropout=0.0)  -> GPTConfig
-
-Module names follow nanoGPT / GPT-2 so that GPT-2 weights can be loaded.
+    GPT(GPTConfig(...))(idx, targets=None)   -> (logits (B, T, V), mean NLL or None)
+    token_logprobs(model, idx, targets)      -> (B, T) per-token log-probs, 0 at -100 (the one such function)
+    sequence_logprob(model, idx, targets)    -> (B,) their sum: log pi(y|x); masked_mean(values, mask)
+    generate(model, prompts, n_samples, max_new_tokens, eos_id, ...)  -> KV-cached sampling, each prompt
+                                                run once for its n_samples rows
+    score_pairs(scorer, prompts, responses, pad_id, device)  -> (B,) a scorer on (prompt, response)
+                                                pairs, each prompt run once for a group of its responses
+                                                (SharedPrompts, shared_prompt_batch)
+    configure_optimizer, num_params, trainable_copy(policy), frozen_copy(model)
 """
 import copy
-import errno
-import hashlib
 import itertools
-import json
 import math
-import os
-import re
-import shutil
-import sys
-import urllib.request
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -100,14 +64,11 @@ class CausalSelfAttention(nn.Module):
 
 
 def shared_prefix_attention(q, k, v, attn_mask, k_pre, v_pre, pre_bias, dropout_p=0.0):
-    """Attention over a prefix of keys shared by groups of rows, then each row's own keys: what SDPA over the
-    concatenation [prefix keys of the row's group, own keys] computes (dropout_p: on the attention weights,
-    as SDPA's, in training), but the prefix is stored
-    and read once per group, not once per row (Best-of-N: the n samples of a prompt share its keys).
-    q: (B, nh, T, hd); k, v: (B, nh, S, hd) the row's own keys; attn_mask: bool (B or 1, 1, T, S) or None.
-    k_pre, v_pre: (G, nh, L, hd), group g shared by rows g*n .. (g+1)*n-1 (n = B // G);
-    pre_bias: (G, 1, 1, L) added to the prefix scores, 0 (real key) or -inf (pad). Computed in float32,
-    like the scores inside SDPA's fused kernels, also under autocast."""
+    """SDPA over [the prefix keys of the row's group, the row's own keys] (dropout_p on the weights, as
+    SDPA's), with each group's prefix stored and read once (Best-of-N: a prompt's samples share its keys).
+    q: (B, nh, T, hd); k, v: (B, nh, S, hd); attn_mask: bool (B or 1, 1, T, S) or None; k_pre, v_pre:
+    (G, nh, L, hd), shared by rows g*n .. (g+1)*n-1 (n = B // G); pre_bias: (G, 1, 1, L), 0 or -inf (pad).
+    In float32, as SDPA's fused kernels compute scores, also under autocast."""
     dtype, device_type = q.dtype, q.device.type
     B, nh, T, hd = q.shape
     G, L = k_pre.size(0), k_pre.size(2)
@@ -178,24 +139,6 @@ class GPT(nn.Module):
             if name.endswith('c_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    @classmethod
-    def from_gpt2(cls, name_or_path, cache_dir=None, dropout=0.0):
-        """Our GPT with pre-trained GPT-2 weights: name_or_path is gpt2 / gpt2-medium / gpt2-large /
-        gpt2-xl (downloaded once into cache_dir) or a local model.safetensors in the Hugging Face
-        layout (or a folder holding one); a config.json beside it is read if present.
-        Full GPT-2 vocabulary (50257 for the real models), tanh GELU, every parameter filled."""
-        path = gpt2_safetensors(name_or_path, cache_dir)
-        sd = gpt2_state_dict(read_safetensors(path))
-        config_json = os.path.join(os.path.dirname(path), "config.json")
-        hf_config = read_hf_config(config_json) if os.path.isfile(config_json) else None
-        try:
-            config = gpt2_config(sd, hf_config, dropout)
-        except ValueError as e:
-            raise ValueError(f"{path}{' with ' + config_json if hf_config else ''}: {e}") from None
-        model = cls(config)
-        load_strict(model, sd, path)
-        return model
-
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -228,16 +171,15 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def prompt_pass(self, idx, real):
-        """Each prompt's forward, once, for the rows that continue it (generate's samples, the scored
-        responses of shared_prompt_hidden). idx, real: (P, L) from left_padded; each prompt starts at
-        position 0, its pad keys masked out. Returns (prefix, h): prefix = (cache, bias) for
-        hidden(..., prefix=prefix), the keys/values of every layer (P, n_head, L, head_dim) and
-        bias (P, 1, 1, L), -inf at pads; h (P, L, C) the hidden states, h[:, -1] at each prompt's last token."""
+        """Each prompt's forward, once, for the rows that continue it (generate, shared_prompt_hidden).
+        idx, real: (P, L) from left_padded, pad keys masked out. Returns (prefix, h): prefix = (cache, bias)
+        for hidden(prefix=), keys/values (P, n_head, L, head_dim) per layer and bias (P, 1, 1, L), -inf at
+        pads; h (P, L, C) the hidden states, h[:, -1] at each prompt's last token."""
         cfg = self.config
         P, L = idx.shape
         w = self.transformer.wte.weight
-        cache = [tuple(w.new_empty(P, cfg.n_head, L, cfg.n_embd // cfg.n_head) for _ in range(2))
-                 for _ in range(cfg.n_layer)]
+        hd = cfg.n_embd // cfg.n_head
+        cache = [tuple(w.new_empty(P, cfg.n_head, L, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
         pos = (real.cumsum(dim=1) - 1).clamp(min=0)  # (P, L)
         # causal, pad keys masked out; the diagonal stays allowed so that pad queries (outputs unused)
         # never have an all-masked row, which gives NaN on some SDPA backends
@@ -316,11 +258,10 @@ def shared_prompt_batch(prompts, responses, pad_id, device="cpu"):
 
 @torch.inference_mode()
 def score_pairs(scorer, prompts, responses, pad_id, device, batch=256):
-    """scorer(idx, targets, last) -> (B,) (a reward model of reward.py, or any function of a batch)
-    on each (prompt, response) pair of two flat lists: (B,) float32 on the CPU. Equal pairs are scored
-    once, so they get equal scores; each prompt runs once for a group of its responses, and only the
-    responses' tokens run per row (shared_prompt_batch); batches hold responses of similar lengths
-    (scoring_batches). The same scores as on data.make_batch's rows, to float tolerance."""
+    """scorer(idx, targets, last) -> (B,) (a reward model of reward.py, or any function of a batch) on
+    each (prompt, response) pair of two flat lists: (B,) float32 on the CPU. Equal pairs are scored once
+    (equal scores); each prompt runs once for a group of its responses (shared_prompt_batch), in batches
+    of similar lengths (scoring_batches). data.make_batch's rows give the same, to float tolerance."""
     pairs = list(zip(map(tuple, prompts), map(tuple, responses)))
     unique = list(dict.fromkeys(pairs))  # the distinct pairs, in first-seen order
     out = torch.zeros(len(unique))
@@ -334,11 +275,9 @@ def score_pairs(scorer, prompts, responses, pad_id, device, batch=256):
 
 def scoring_batches(pairs, batch, group_size=4):
     """The distinct (prompt, response) pairs to score, in batches of up to `batch` rows: each prompt's
-    responses, sorted by length, are cut into groups of up to group_size rows (a group runs its prompt
-    once); a batch holds groups of one size, of similar longest responses, so little padding. group_size
-    trades reruns of a prompt against padding: on the cpu run's Best-of-32 candidates (about 12 distinct
-    per prompt, 2 CPU cores) 4 was the fastest of 2, 4, 8, 16 and 32, about 7x the plain forward; 32 about 4x.
-    Yields lists of groups, each a list of indices into pairs."""
+    responses, sorted by length, in groups of up to group_size rows (a group runs its prompt once); a
+    batch holds groups of one size and similar longest responses. group_size 4 was the fastest of 2..32
+    on the cpu run's Best-of-32 candidates (2 CPU cores). Yields lists of groups of indices into pairs."""
     by_prompt = {}
     for i, (prompt, _) in enumerate(pairs):
         by_prompt.setdefault(prompt, []).append(i)
@@ -377,15 +316,12 @@ def sequence_logprob(model, idx, targets):
 
 def _sample(logits, temperature, top_k, generator, rows=None, n_all=None):
     """One token id per row from logits (R, V): greedy if temperature == 0, else a draw from
-    p = softmax(logits / temperature) (restricted to the top_k logits) by inverse CDF:
+    p = softmax(logits / temperature) (within the top_k logits) by inverse CDF, one uniform per row:
         token = min { i : cdf_i >= u * cdf_V },   cdf_i = p_1 + ... + p_i,   u ~ U(0, 1]
-    one uniform per row, no token with p_i = 0 ever drawn. cdf and u are float64, so probabilities
-    down to ~1e-16 are drawn at their own rate. The same distribution as torch.multinomial(p, 1),
-    which draws an exponential for every token of every row, but not the same tokens for a given
-    seed (the README's Performance section has the measured cost of each).
-    rows (R,), n_all: logits holds these rows of a batch of n_all rows; n_all uniforms are drawn and
-    those of these rows used, so that a row's draws do not depend on which other rows are still run
-    (generate stops running most rows that have ended)."""
+    in float64, so probabilities down to ~1e-16 are drawn at their own rate and p_i = 0 never; the
+    distribution of torch.multinomial(p, 1), not its tokens (README: Performance). rows (R,), n_all:
+    logits holds these rows of a batch of n_all rows; n_all uniforms are drawn and these rows' used,
+    so that a row's draws do not depend on which other rows generate still runs."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (R,)
     logits = logits.float()
@@ -413,11 +349,9 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
     Returns tokens (P*n_samples, max_new_tokens) and lengths (P*n_samples,); rows of prompt i are
     i*n_samples .. (i+1)*n_samples-1. A row ends with (and includes) eos_id and is padded with eos_id;
     its length counts the eos, or is max_new_tokens if it never produced one. temperature 0 = greedy.
-    The generator (if any) must live on the model's device. Each prompt's prefix is computed once and its
-    keys/values are stored once, shared by its n_samples rows (shared_prefix_attention); each row caches
-    only its new tokens. One draw per step for every row (_sample), also for rows that have ended, so the
-    samples do not depend on which rows are still run: once half of those run have ended, most ended
-    rows stop being run (rows_still_sampling). The tokens are the same as when every row runs to the end."""
+    The generator (if any) must live on the model's device. nanoGPT's loop: run the prompt once, then
+    sample a token, append it, feed it back; each prompt's keys/values are stored once, shared by its
+    n_samples rows (prefix=), and each row caches only its new tokens."""
     cfg = model.config
     device = next(model.parameters()).device
     for i, p in enumerate(prompts):
@@ -429,43 +363,47 @@ def generate(model, prompts, n_samples, max_new_tokens, eos_id, temperature=1.0,
     with torch.inference_mode():  # no autograd bookkeeping at all: ~10% faster than no_grad here
         idx, real = left_padded(prompts, device)  # (P, L) each
         prefix, h = model.prompt_pass(idx, real)  # the prompts' keys/values, once per prompt; h (P, L, C)
-        logits = model.lm_head(h[:, -1])  # (P, V)
-
-        # P * n_samples rows: the prompt's keys/values stay once per prompt, shared by its n_samples rows
-        # (prefix=, pad keys masked out), and each row caches only its new tokens (written before being read)
         P, n = len(prompts), n_samples
         R, hd, w = P * n, cfg.n_embd // cfg.n_head, model.transformer.wte.weight
         cache = [tuple(w.new_empty(R, cfg.n_head, max_new_tokens, hd) for _ in range(2)) for _ in range(cfg.n_layer)]
-        logits = logits.repeat_interleave(n, dim=0)  # (R, V)
+        logits = model.lm_head(h[:, -1]).repeat_interleave(n, dim=0)  # (R, V) the first token's
         next_pos = real.sum(dim=1).repeat_interleave(n)  # (R,) position of the first new token
-
         tokens = torch.full((R, max_new_tokens), eos_id, dtype=torch.long, device=device)
         lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(R, dtype=torch.bool, device=device)
         rows = torch.arange(R, device=device).view(P, n)  # the rows the model runs: n_run of P_run prompts
         for t in range(max_new_tokens):
             run = rows.reshape(-1)  # (R_run,)
-            tok = _sample(logits, temperature, top_k, generator, run, R)  # (R_run,)
-            tok = tok.masked_fill(done[run], eos_id)
+            tok = _sample(logits, temperature, top_k, generator, run, R).masked_fill(done[run], eos_id)  # (R_run,)
             tokens[run, t] = tok  # the other rows have ended: eos_id already
             finished = ~done & (tokens[:, t] == eos_id)
             lengths.masked_fill_(finished, t + 1)
             done |= finished
             if t == max_new_tokens - 1 or done.all():
                 break
-            if 2 * int((~done[run]).sum()) <= run.numel():  # half the rows run have ended: run fewer
-                prompts_kept, picked = rows_still_sampling(done[rows])  # (P_new,), (P_new, n_new) into rows
-                if 4 * picked.numel() <= 3 * run.numel():  # a quarter fewer at least: the cache is copied seldom
-                    where = (prompts_kept[:, None] * rows.size(1) + picked).view(-1)  # (R_new,) into run
-                    rows = rows[prompts_kept].gather(1, picked)
-                    cache = [(k[where], v[where]) for k, v in cache]
-                    prefix = ([(k[prompts_kept], v[prompts_kept]) for k, v in prefix[0]], prefix[1][prompts_kept])
-                    tok = tok[where]
+            rows, cache, prefix, tok = drop_ended_rows(rows, done, cache, prefix, tok)
             h = model.hidden(tok[:, None], pos=(next_pos[rows.reshape(-1)] + t)[:, None], cache=cache, cache_pos=t,
                              prefix=prefix)  # (R_run, 1, C)
             logits = model.lm_head(h[:, -1])  # (R_run, V)
     model.train(was_training)
     return tokens.clone(), lengths.clone()  # plain tensors again, which autograd accepts
+
+
+def drop_ended_rows(rows, done, cache, prefix, tok):
+    """generate's speed-up: once half of the rows it runs have ended, stop running most ended rows
+    (rows_still_sampling), and keep only their caches, prefixes and last tokens; only when that drops a
+    quarter of the rows at least, so that the cache is copied seldom. Each row draws its own uniform at
+    every step whether it runs or not (_sample), so the samples are the same as without it."""
+    run = rows.reshape(-1)
+    if 2 * int((~done[run]).sum()) > run.numel():
+        return rows, cache, prefix, tok
+    prompts_kept, picked = rows_still_sampling(done[rows])  # (P_new,), (P_new, n_new) into rows
+    if 4 * picked.numel() > 3 * run.numel():
+        return rows, cache, prefix, tok
+    where = (prompts_kept[:, None] * rows.size(1) + picked).view(-1)  # (R_new,) into run
+    cache = [(k[where], v[where]) for k, v in cache]
+    prefix = ([(k[prompts_kept], v[prompts_kept]) for k, v in prefix[0]], prefix[1][prompts_kept])
+    return rows[prompts_kept].gather(1, picked), cache, prefix, tok[where]
 
 
 def rows_still_sampling(done):
@@ -498,23 +436,6 @@ def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def memory_bytes(config, batch_size, sample_rows):
-    """A rough, generous estimate of the peak memory in bytes (float32: 4 bytes a number) of
-    training this model on batch_size sequences, and of sampling sample_rows rows at once;
-    returns (training, sampling)."""
-    C, L, T, V = config.n_embd, config.n_layer, config.block_size, config.vocab_size
-    params = 12 * L * C * C + (V + T) * C  # a block: 4 C^2 in attention, 8 C^2 in the MLP; embeddings
-    # AdamW: weights, gradients and two moments (16 bytes a parameter); the activations kept for
-    # the backward, per token: about 34 C numbers a block (LayerNorm inputs, q, k, v, the attention
-    # output, the 4C-wide MLP before and after its GELU, residuals), the attention weights
-    # (n_head T a token, ~5 copies through mask, softmax and dropout), and 3 V for the logits
-    training = 16 * params + 4 * batch_size * T * (L * (34 * C + 5 * config.n_head * T) + 3 * V)
-    # sampling: the weights, and per row its key/value cache (2 L T C) and ~4 copies of the
-    # next-token logits (the logits, their softmax, its cumulative sum, and the float64 draw)
-    sampling = 4 * params + 4 * sample_rows * (2 * L * T * C + 4 * V)
-    return training, sampling
-
-
 def trainable_copy(model):
     """A trainable copy of a policy: a fresh GPT with the same weights, on the same device."""
     clone = GPT(model.config).to(next(model.parameters()).device)
@@ -527,306 +448,3 @@ def frozen_copy(model):
     model = copy.deepcopy(model)
     model.requires_grad_(False)
     return model.eval()
-
-
-class WriteError(OSError):
-    """A file that could not be written (a full disk, a folder without permission): the message
-    names the file and the reason."""
-
-
-def atomic_write(path, write):
-    """Every file the project writes goes through here: write(tmp_path) fills a temporary file
-    beside path, which then replaces path in one rename, so path is always whole or absent. The
-    temporary name is this call's own (two processes writing one path never share it) and is
-    removed whatever happens; a failed write raises WriteError naming path."""
-    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if isinstance(e, WriteError) or not is_write_failure(e):
-            raise  # not the disk's fault (a network error while downloading, a bug): as it is
-        raise WriteError(f"cannot write {path}: {why_not_written(e, path)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
-                errno.ENOENT}
-
-
-def is_write_failure(error):
-    """Is this error a file that could not be written: an OSError of WRITE_ERRNOS, or torch.save's
-    C++ writer failing (a RuntimeError saying so)?"""
-    if isinstance(error, OSError):
-        return error.errno in WRITE_ERRNOS
-    return any(s in str(error) for s in ("file write failed", "PytorchStreamWriter", "unexpected pos"))
-
-
-def why_not_written(error, path):
-    """The reason a write failed, in words: the OS's, else (torch.save's writer says only "unexpected
-    pos") a full disk found by looking, else what can stop a write part-way."""
-    if isinstance(error, OSError) and error.errno:
-        return os.strerror(error.errno)
-    try:
-        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20:
-            return os.strerror(errno.ENOSPC)
-    except OSError:
-        pass
-    return "it could not be written in full (no space left on the device, or a quota or file-size limit)"
-
-
-# ----------------------------------------------------------------------------------------------
-# Pre-trained GPT-2 weights: a model.safetensors file in the Hugging Face GPT-2 layout
-
-GPT2_URL_BASE = "https://huggingface.co"  # files are fetched from {GPT2_URL_BASE}/{name}/resolve/main/{file}
-GPT2_CACHE_DIR = os.path.join("~", ".cache", "gpt2-safetensors")  # default download folder
-GPT2_N_HEAD = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head: gpt2, -medium, -large, -xl
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-# (bytes, sha256) of files as published, checked on download and on every reuse; the other models'
-# files are checked against the length the server announces, and what was downloaded is recorded
-GPT2_PUBLISHED = {
-    "gpt2/model.safetensors": (548105171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
-    "gpt2/config.json": (665, "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4"),
-}
-GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF activation -> ours
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """All tensors of a .safetensors file as {name: tensor} (CPU, views of one buffer holding the file).
-    Format: 8-byte little-endian unsigned header length N, N bytes of JSON {name: {"dtype", "shape",
-    "data_offsets": [begin, end]}} (offsets relative to the byte after the header, plus an optional
-    "__metadata__"), then the raw little-endian data. Raises ValueError naming the file if it is not one."""
-    assert sys.byteorder == "little", "read_safetensors assumes a little-endian machine"
-    with open(path, "rb") as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)  # writable, so torch.frombuffer can share it
-        f.readinto(data)
-
-    def bad(why):
-        return ValueError(f"{path}: not a valid safetensors file: {why}")
-
-    if len(data) < 8:
-        raise bad(f"only {len(data)} bytes, fewer than the 8-byte header length")
-    n = int.from_bytes(data[:8], "little")
-    if 8 + n > len(data):
-        raise bad(f"header length {n} runs past the end of the file ({len(data)} bytes; truncated?)")
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError as e:  # bad UTF-8 or bad JSON
-        raise bad(f"the header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    body = memoryview(data)[8 + n:]
-    check_layout(header, len(body), bad)
-    tensors = {}
-    for name, info in header.items():
-        dtype, shape, begin, end = safetensors_entry(info)
-        nbytes = end - begin
-        flat = torch.frombuffer(body[begin:end], dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-        if flat.data_ptr() % dtype.itemsize:
-            flat = flat.clone()  # misaligned data: copy into an aligned buffer
-        tensors[name] = flat.view(shape)
-    return tensors
-
-
-def check_layout(header, n_bytes, bad):
-    """The format's rule: the tensors' byte ranges, in order, tile the n_bytes of data exactly,
-    with no overlap, no gap and nothing after the last (a file that breaks it was not written by a
-    safetensors writer, or was edited). bad(why) -> the exception to raise."""
-    spans = []
-    for name, info in header.items():
-        entry = safetensors_entry(info)
-        if entry is None:
-            raise bad(f"tensor {name!r} has a bad or unsupported entry {info}")
-        dtype, shape, begin, end = entry
-        if not (begin <= end <= n_bytes and end - begin == math.prod(shape) * dtype.itemsize):
-            raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not fit {math.prod(shape) * dtype.itemsize} "
-                      f"bytes of {info['dtype']} {shape} in {n_bytes} data bytes (truncated?)")
-        spans.append((begin, end, name))
-    at = 0
-    for begin, end, name in sorted(spans):
-        if begin != at:
-            raise bad(f"tensor {name!r} starts at data byte {begin}, not {at}: tensors "
-                      f"{'overlap' if begin < at else 'leave a gap'}")
-        at = end
-    if at != n_bytes:
-        raise bad(f"{n_bytes - at} data bytes after the last tensor")
-
-
-def safetensors_entry(info):
-    """(dtype, shape, begin, end) of one safetensors header entry; None if malformed or of an unknown dtype."""
-    try:
-        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        return None
-    ok = all(isinstance(x, int) and x >= 0 for x in (begin, end, *shape))
-    return (dtype, shape, begin, end) if ok else None
-
-
-# config.json fields we read, and the values each may hold
-HF_CONFIG_FIELDS = {"n_head": (lambda v: type(v) is int and v > 0, "a positive integer"),
-                    "n_positions": (lambda v: type(v) is int and v > 0, "a positive integer"),
-                    "n_ctx": (lambda v: type(v) is int and v > 0, "a positive integer"),
-                    "layer_norm_epsilon": (lambda v: type(v) in (int, float) and v > 0, "a positive number"),
-                    "activation_function": (lambda v: isinstance(v, str), "a string")}
-
-
-def read_hf_config(path):
-    """The Hugging Face config.json at path as a dict, its fields checked (HF_CONFIG_FIELDS);
-    a ValueError naming the file otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf_config = json.load(f)
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-        raise ValueError(f"{path} is not a readable JSON file ({e}); fix it, or delete it") from None
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{path} holds a JSON {type(hf_config).__name__}, not an object; fix it, or delete it")
-    for key, (ok, what) in HF_CONFIG_FIELDS.items():
-        if key in hf_config and not ok(hf_config[key]):
-            raise ValueError(f"{path}: {key} = {hf_config[key]!r} must be {what}; fix it, or delete it")
-    return hf_config
-
-
-def gpt2_state_dict(tensors):
-    """Hugging Face GPT-2 tensors -> our state_dict: names get the "transformer." prefix (HF files
-    have it or not), the Conv1D weights (c_attn, c_proj, c_fc stored (in, out)) are transposed into
-    nn.Linear's (out, in), the attention-mask buffers are dropped, and lm_head is tied to wte."""
-    sd = {}
-    for name, t in tensors.items():
-        name = name.removeprefix("transformer.")
-        if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", name) or name == "lm_head.weight":
-            continue  # causal-mask buffers; the output head is checked below
-        if re.fullmatch(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight", name):
-            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
-        sd["transformer." + name] = t
-    wte = sd.get("transformer.wte.weight")
-    head = tensors.get("lm_head.weight")
-    if head is not None and (wte is None or not torch.equal(head, wte)):
-        raise ValueError("GPT-2 weights have an lm_head.weight that is not tied to wte.weight; "
-                         "our GPT ties them")
-    if wte is not None:
-        sd["lm_head.weight"] = wte  # tied
-    return sd
-
-
-def gpt2_config(sd, hf_config=None, dropout=0.0):
-    """GPTConfig of a GPT-2 state_dict (ours, from gpt2_state_dict): sizes from the tensors' shapes,
-    n_head (which shapes cannot give) from the Hugging Face config.json dict hf_config if given,
-    else from the known sizes gpt2 / gpt2-medium / gpt2-large / gpt2-xl."""
-    hf_config = hf_config or {}
-    if "transformer.wte.weight" not in sd or "transformer.wpe.weight" not in sd:
-        raise ValueError("not GPT-2 weights: no wte.weight / wpe.weight tensor")
-    vocab_size, n_embd = sd["transformer.wte.weight"].shape
-    block_size = sd["transformer.wpe.weight"].shape[0]
-    n_layer = sum(1 for k in sd if re.fullmatch(r"transformer\.h\.\d+\.ln_1\.weight", k))
-    n_head = hf_config.get("n_head", GPT2_N_HEAD.get(n_embd))
-    if n_head is None:
-        raise ValueError(f"GPT-2 weights with n_embd={n_embd} are not one of gpt2..gpt2-xl, so n_head is "
-                         f"unknown: put the model's config.json (with n_head) beside model.safetensors")
-    if n_embd % n_head:
-        raise ValueError(f"n_head {n_head} does not divide n_embd {n_embd}")
-    n_pos = hf_config.get("n_positions", hf_config.get("n_ctx", block_size))
-    eps = hf_config.get("layer_norm_epsilon", 1e-5)
-    act = hf_config.get("activation_function", "gelu_new")
-    if n_pos != block_size or eps != 1e-5 or act not in GPT2_GELU:
-        raise ValueError(f"unsupported GPT-2 config: n_positions {n_pos} (wpe has {block_size} rows), "
-                         f"layer_norm_epsilon {eps} (need 1e-5), activation_function {act!r} "
-                         f"(need one of {list(GPT2_GELU)})")
-    return GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                     n_embd=n_embd, dropout=dropout, bias="transformer.ln_f.bias" in sd, gelu=GPT2_GELU[act])
-
-
-def load_strict(model, sd, path):
-    """Copy sd into model; every parameter must be filled, with the right shape, and nothing left over."""
-    ours = model.state_dict()
-    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-    wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}"
-             for k in sorted(set(ours) & set(sd)) if sd[k].shape != ours[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: the weights do not fit our GPT: missing {missing}, "
-                         f"unexpected {unexpected}, wrong shapes {wrong}")
-    integer = [f"{k} ({sd[k].dtype})" for k in sorted(sd) if not sd[k].is_floating_point()]
-    if integer:
-        raise ValueError(f"{path}: weights must be floating point, but {', '.join(integer[:3])} are not")
-    broken = [k for k in sorted(sd) if not torch.isfinite(sd[k]).all()]
-    if broken:
-        raise ValueError(f"{path}: {', '.join(broken[:3])} hold NaN or infinite values; the file is damaged")
-    model.load_state_dict(sd)  # copies, casting F16/BF16 to the model's dtype
-
-
-def gpt2_safetensors(name_or_path, cache_dir=None):
-    """A local model.safetensors path: an existing file is returned as is (a folder: its
-    model.safetensors); gpt2 / gpt2-medium / gpt2-large / gpt2-xl are downloaded with their
-    config.json into cache_dir/NAME/ once, and reused after as long as they are unchanged
-    (cached_file_ok); a damaged or incomplete cached file is downloaded again."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    if os.path.isfile(os.path.join(name_or_path, "model.safetensors")):
-        return os.path.join(name_or_path, "model.safetensors")
-    if name_or_path not in GPT2_NAMES:
-        raise ValueError(f"{name_or_path!r} is neither a model.safetensors file nor one of {list(GPT2_NAMES)}")
-    folder = os.path.join(os.path.expanduser(cache_dir or GPT2_CACHE_DIR), name_or_path)
-    os.makedirs(folder, exist_ok=True)
-    for fname in ("config.json", "model.safetensors"):
-        dst, published = os.path.join(folder, fname), GPT2_PUBLISHED.get(f"{name_or_path}/{fname}")
-        if not cached_file_ok(dst, published):
-            if os.path.exists(dst):
-                print(f"{dst} is damaged or incomplete: downloading it again")
-            download(f"{GPT2_URL_BASE}/{name_or_path}/resolve/main/{fname}", dst, name_or_path, published)
-    return os.path.join(folder, "model.safetensors")
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def cached_file_ok(path, published=None):
-    """Is the downloaded file at path whole and unchanged: its length and sha256 those published
-    (bytes, sha256), or else those recorded at download in path.sha256?"""
-    try:
-        if published is None:
-            sha256, size = Path(path + ".sha256").read_text().split()
-            published = (int(size), sha256)
-        return os.path.getsize(path) == published[0] and file_sha256(path) == published[1]
-    except (OSError, ValueError):
-        return False  # no file, or no record of it
-
-
-def download(url, dst, name, published=None):
-    """Fetch url into dst atomically (atomic_write, through a temporary file of this call's own,
-    so that processes downloading at once do not mix), checked before it is kept: its length
-    against the server's Content-Length, and against published = (bytes, sha256) where known.
-    Its length and sha256 then go to dst.sha256, which every reuse checks (cached_file_ok)."""
-    print(f"downloading {url} -> {dst}")
-    got = {}
-
-    def fetch(tmp):
-        digest, size = hashlib.sha256(), 0
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            announced = r.headers.get("Content-Length")
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-        if announced is not None and size != int(announced):
-            raise ValueError(f"the download of {url} stopped at {size} of {announced} bytes; run again")
-        if published is not None and (size, digest.hexdigest()) != published:
-            raise ValueError(f"the download of {url} is not the published file ({size} bytes, sha256 "
-                             f"{digest.hexdigest()[:16]}... instead of {published[0]} bytes, {published[1][:16]}...); "
-                             f"run again, or download it yourself and pass --init_from=PATH/model.safetensors")
-        got.update(size=size, sha256=digest.hexdigest())
-    try:
-        atomic_write(dst, fetch)
-        atomic_write(dst + ".sha256", lambda tmp: Path(tmp).write_text(f"{got['sha256']} {got['size']}\n"))
-    except OSError as e:  # URLError, HTTPError, timeouts, a connection reset, a full disk
-        raise RuntimeError(f"cannot download {name} ({url}: {e}); download model.safetensors yourself "
-                           f"and pass --init_from=PATH/model.safetensors") from None

@@ -12,13 +12,12 @@ import re
 import shlex
 from pathlib import Path
 
-from afd import kl_bound
 from data import EOT
-from model import atomic_write
+from checkpoint import atomic_write
 
 
 def write_text(text, path):
-    """A text file, written atomically (model.atomic_write)."""
+    """A text file, written atomically (checkpoint.atomic_write)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -70,7 +69,9 @@ def markdown_tables(results):
             cells = [f"{b['golden_reward']:.3f} ± {b['golden_reward_stderr']:.3f}"
                      for b in results["best_of_n"] if b["rm"] == rm]
             lines.append(f"| {rm} | " + " | ".join(cells) + " |")
-        lines.append("| KL bound | " + " | ".join(f"{kl_bound(n):.2f}" for n in ns) + " |")
+        first = results["best_of_n"][0]["rm"]  # a reward model: its rows carry KL(pi_BoN || pi_sft)'s bound
+        lines.append("| KL bound | " + " | ".join(f"{b['kl_bound']:.2f}" for b in results["best_of_n"]
+                                                  if b["rm"] == first) + " |")
     if times := stage_time_table(results):
         lines += ["", "Wall time by stage:", "", times]
     return "\n".join(lines)

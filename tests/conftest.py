@@ -1,6 +1,6 @@
-"""What the tests share: the project on sys.path, a tiny GPT, `python train.py ARGS`, and an
-independent token_logprobs for tests that must not depend on that objective (course mode:
-`python course.py check` removes one objective at a time and expects only its own tests to fail)."""
+"""What the tests share: the project and its tools/ on sys.path, a tiny GPT, `python train.py ARGS`,
+and an independent token_logprobs for tests that must not depend on that objective (course mode:
+`python tools/course.py check` removes one objective at a time and expects only its own tests to fail)."""
 import pathlib
 import subprocess
 import sys
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))  # bench, budget, course
 sys.path.insert(0, str(ROOT))
 
 import afd  # noqa: E402  (after the sys.path line above)

@@ -1,4 +1,4 @@
-"""bench.py at a toy size: it runs, checks its own token counts, and writes the JSON the README's
+"""tools/bench.py at a toy size: it runs, checks its own token counts, and writes the JSON the README's
 Performance table comes from (no speed is asserted: timings belong to the benchmark, not the tests)."""
 import json
 import sys

@@ -1,4 +1,4 @@
-"""The reward-model budget study (budget.py): Gao et al.'s fit, and one study at the smoke size."""
+"""The reward-model budget study (tools/budget.py): Gao et al.'s fit, and one study at the smoke size."""
 import json
 import math
 import subprocess
@@ -29,7 +29,7 @@ def test_fit_recovers_gaos_form_and_its_peak():
 @pytest.mark.slow
 def test_budget_study_runs_each_budget_on_the_same_policies(tmp_path):
     out = tmp_path / "study"
-    proc = subprocess.run([sys.executable, "budget.py", "--preset=smoke", "--factors=1,2", f"--out_dir={out}"],
+    proc = subprocess.run([sys.executable, "tools/budget.py", "--preset=smoke", "--factors=1,2", f"--out_dir={out}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"[pi_sft] loaded {out / 'x2' / 'pi_sft.pt'} (up to date)" in proc.stdout  # trained once, in x1

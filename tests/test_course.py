@@ -1,4 +1,4 @@
-"""course.py, the instructor's tool of course mode: its source surgery and its bookkeeping (fast),
+"""tools/course.py, the instructor's tool of course mode: its source surgery and its bookkeeping (fast),
 and a student copy graded by the fast suite (slow)."""
 import ast
 import re
@@ -148,14 +148,14 @@ def test_the_section_of_each_objective_is_where_method_md_states_it():
 
 
 def test_course_py_holds_no_stub_marker():
-    assert "raise " + "NotImplementedError" not in (ROOT / "course.py").read_text()
+    assert "raise " + "NotImplementedError" not in (ROOT / "tools" / "course.py").read_text()
 
 
 @pytest.mark.slow
 def test_a_student_copy_fails_exactly_the_removed_objectives_tests(tmp_path):
     removed = ["afd.kl_bound", "reward.td_differences"]
     copy = tmp_path / "student"
-    made = subprocess.run([sys.executable, "course.py", "student-copy", str(copy), "--remove", ",".join(removed)],
+    made = subprocess.run([sys.executable, "tools/course.py", "student-copy", str(copy), "--remove", ",".join(removed)],
                           cwd=ROOT, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     assert (copy / "METHOD.md").read_bytes() == (ROOT / "METHOD.md").read_bytes()

@@ -5,6 +5,7 @@ import socket
 import pytest
 
 import data
+import realdata
 from data import EOT, golden_reward
 
 
@@ -47,9 +48,9 @@ def test_literal_end_of_text_in_demonstrations_is_an_error_naming_the_line(tmp_p
                        ({**ok, "response": f" one {EOT} two"}, "response")]:
         path.write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(data.DataError, match=rf"{path} line 2: the {field} holds the text '<\|endoftext\|>'"):
-            data.read_demos(path)
+            realdata.read_demos(path)
     path.write_text(json.dumps(ok) + "\n")
-    assert data.read_demos(path) == ([(ok["prompt"], ok["response"])], [1])
+    assert realdata.read_demos(path) == ([(ok["prompt"], ok["response"])], [1])
 
 
 def test_vocab_compaction_round_trip_and_unknown_tokens():
@@ -145,10 +146,10 @@ def test_demonstrations_may_be_gzipped_and_a_misnamed_gzip_says_so(tmp_path):
     import gzip
     line = json.dumps({"prompt": "\n\nHuman: Hi\n\nAssistant:", "response": " Hello."}) + "\n"
     (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(line.encode()))
-    assert data.read_demos(tmp_path / "d.jsonl.gz")[0] == [("\n\nHuman: Hi\n\nAssistant:", " Hello." + EOT)]
+    assert realdata.read_demos(tmp_path / "d.jsonl.gz")[0] == [("\n\nHuman: Hi\n\nAssistant:", " Hello." + EOT)]
     (tmp_path / "d.jsonl").write_bytes(gzip.compress(line.encode()))
     with pytest.raises(data.DataError, match="gzipped, but its name does not end with .gz: name it .jsonl.gz"):
-        data.read_demos(tmp_path / "d.jsonl")
+        realdata.read_demos(tmp_path / "d.jsonl")
 
 
 def small_task_with_leaks():

@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
+import cli
+import checkpoint
+import training
 import train
 from model import GPT, GPTConfig
 from test_gpt2_import import hf_layout, write_safetensors
@@ -257,15 +261,15 @@ def test_a_nan_names_its_cause_and_the_option_to_change(tmp_path):
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=4))
     nan = torch.tensor(float("nan"))
-    diverged = train.not_finite("rm_init_sft", "loss", nan, 7, 0, gpt, str(tmp_path / "none.pt"))
+    diverged = training.not_finite("rm_init_sft", "loss", nan, 7, 0, gpt, str(tmp_path / "none.pt"))
     assert diverged == "rm_init_sft: the loss became nan at step 7; training diverged: lower --rm_lr (or --grad_clip)"
-    assert "lower --pretrain_lr" in train.not_finite("pi_init", "loss", nan, 3, 0, gpt, "x")
-    assert "lower --pg_lr" in train.not_finite("policy_irft_stage0", "gradient norm", nan, 3, 0, gpt, "x")
-    first = train.not_finite("pi_sft", "loss", nan, 0, 0, gpt, "x")
+    assert "lower --pretrain_lr" in training.not_finite("pi_init", "loss", nan, 3, 0, gpt, "x")
+    assert "lower --pg_lr" in training.not_finite("policy_irft_stage0", "gradient norm", nan, 3, 0, gpt, "x")
+    first = training.not_finite("pi_sft", "loss", nan, 0, 0, gpt, "x")
     assert "on the first batch, before any update" in first and "learning rate" in first.split(":")[-1]
     with torch.no_grad():
         gpt.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
-    weights = train.not_finite("pi_sft", "loss", nan, 5, 5, gpt, "x")
+    weights = training.not_finite("pi_sft", "loss", nan, 5, 5, gpt, "x")
     assert "the weights it starts from hold NaN or infinite values (transformer.h.0.mlp.c_fc.weight)" in weights
     assert "lower" not in weights
 
@@ -275,10 +279,10 @@ def test_a_checkpoint_with_nan_weights_is_refused(capsys):
     vocab = types.SimpleNamespace(ids=[0, 1, 2])
     state = {"model": {k: v.clone() for k, v in gpt.state_dict().items()}, "model_config": asdict(gpt.config),
              "vocab": vocab.ids}
-    train.load_weights(gpt, state, "ok.pt", vocab)  # fine as it is
+    checkpoint.load_weights(gpt, state, "ok.pt", vocab)  # fine as it is
     state["model"]["transformer.ln_f.weight"][0] = float("nan")
     with pytest.raises(SystemExit) as e:
-        train.load_weights(gpt, state, "bad.pt", vocab)
+        checkpoint.load_weights(gpt, state, "bad.pt", vocab)
     assert e.value.code == 2
     assert capsys.readouterr().err == ("error: bad.pt holds NaN or infinite weights (transformer.ln_f.weight); "
                                        "delete it and run again\n")
@@ -287,18 +291,18 @@ def test_a_checkpoint_with_nan_weights_is_refused(capsys):
 def test_files_in_the_out_dir_that_are_not_ours_are_refused_or_redone(tmp_path, capsys):
     torch.save(torch.zeros(3), tmp_path / "pi_init.pt")  # a safe file, but not a checkpoint
     with pytest.raises(SystemExit) as e:
-        train.load_checkpoint(str(tmp_path / "pi_init.pt"))
+        checkpoint.load_checkpoint(str(tmp_path / "pi_init.pt"))
     assert e.value.code == 2 and "holds a Tensor, not a checkpoint of this project; delete it" in capsys.readouterr().err
     (tmp_path / "results.json").write_text("[1, 2]")  # JSON, but not results: redone, not trusted
-    cfg = train.parse_args(["--preset=smoke", f"--out_dir={tmp_path}"])
+    cfg = cli.parse_args(["--preset=smoke", f"--out_dir={tmp_path}"])
     assert train.saved_results(cfg) is None
 
 
 def test_demonstrations_holding_evaluation_prompts_stop_the_run_or_are_dropped(tmp_path, capsys):
     """--demos with two of the evaluation prompts (one twice): one line naming the count, the split, the
     file and the fix, before any work; with --drop_leaks=true the three rows are dropped and counted."""
-    cfg = train.parse_args(["--preset=smoke"])
-    task = train.data.build_task(cfg.seed, cfg.n_pretrain, cfg.n_demo, cfg.n_rm, cfg.n_heldout, cfg.n_eval,
+    cfg = cli.parse_args(["--preset=smoke"])
+    task = data.build_task(cfg.seed, cfg.n_pretrain, cfg.n_demo, cfg.n_rm, cfg.n_heldout, cfg.n_eval,
                                  cfg.multi_turn_prob, cfg.pref_noise_temp)
     rows = [(p, " Fine.") for p, _ in task.demos[:5]] + [(task.eval_prompts[0], " 7.")] * 2 + \
         [(task.eval_prompts[3], " No.")]
@@ -312,7 +316,7 @@ def test_demonstrations_holding_evaluation_prompts_stop_the_run_or_are_dropped(t
     assert "2 training prompts are also held-out or evaluation prompts: 2 in the demonstrations split" in err
     assert f"(--demos={demos})" in err and "--drop_leaks=true" in err
     assert not out.exists() or not list(out.iterdir())
-    cfg = train.parse_args(["--preset=smoke", "--device=cpu", f"--out_dir={out}", f"--demos={demos}",
+    cfg = cli.parse_args(["--preset=smoke", "--device=cpu", f"--out_dir={out}", f"--demos={demos}",
                             "--drop_leaks=true"])
     task, _, splits = train.stage_task(cfg)
     assert len(task.demos) == 5 and not set(p for p, _ in task.demos) & set(task.eval_prompts)
@@ -321,7 +325,7 @@ def test_demonstrations_holding_evaluation_prompts_stop_the_run_or_are_dropped(t
 
 def test_one_run_per_out_dir_a_live_lock_refuses_a_stale_one_is_taken_over(tmp_path, capsys):
     lock = tmp_path / "run.lock"
-    with train.out_dir_lock(str(tmp_path)):  # a run holds it while it runs, and removes it after
+    with checkpoint.out_dir_lock(str(tmp_path)):  # a run holds it while it runs, and removes it after
         assert lock.read_text().split() == [str(os.getpid())]
     assert not lock.exists()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -338,7 +342,7 @@ def test_one_run_per_out_dir_a_live_lock_refuses_a_stale_one_is_taken_over(tmp_p
         sleeper.wait()
     for stale in (f"{sleeper.pid}\n", "not a pid\n", ""):  # its process is gone, or the file says nothing
         lock.write_text(stale)
-        with train.out_dir_lock(str(tmp_path)):
+        with checkpoint.out_dir_lock(str(tmp_path)):
             assert lock.read_text().split() == [str(os.getpid())]
         assert not lock.exists()
 
@@ -346,6 +350,6 @@ def test_one_run_per_out_dir_a_live_lock_refuses_a_stale_one_is_taken_over(tmp_p
 def test_the_lock_is_released_when_the_run_fails_or_is_interrupted(tmp_path):
     for error in (KeyboardInterrupt, RuntimeError):
         with pytest.raises(error):
-            with train.out_dir_lock(str(tmp_path)):
+            with checkpoint.out_dir_lock(str(tmp_path)):
                 raise error()
         assert not (tmp_path / "run.lock").exists()

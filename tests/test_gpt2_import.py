@@ -15,8 +15,9 @@ import urllib.error
 import pytest
 import torch
 
-import model as model_module
-from model import GPT, GPTConfig, generate, gpt2_config, gpt2_safetensors, read_safetensors
+import gpt2
+from gpt2 import from_gpt2, gpt2_config, gpt2_safetensors, read_safetensors
+from model import GPT, GPTConfig, generate
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
@@ -132,12 +133,12 @@ def test_from_gpt2_refuses_integer_or_non_finite_weights_and_bad_config(tmp_path
     sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"].long()
     write_safetensors(path, sd)
     with pytest.raises(ValueError, match=r"weights must be floating point, but transformer\.wpe\.weight"):
-        GPT.from_gpt2(str(path))
+        from_gpt2(str(path))
     sd = hf_layout(ref)
     sd["transformer.h.1.mlp.c_fc.bias"][3] = float("nan")
     write_safetensors(path, sd)
     with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.c_fc\.bias hold NaN or infinite values"):
-        GPT.from_gpt2(str(path))
+        from_gpt2(str(path))
     write_safetensors(path, hf_layout(ref))
     for text, message in [("{not json", "is not a readable JSON file"), ("[2]", "holds a JSON list, not an object"),
                           ('{"n_head": "2"}', "n_head = '2' must be a positive integer"),
@@ -146,7 +147,7 @@ def test_from_gpt2_refuses_integer_or_non_finite_weights_and_bad_config(tmp_path
                           ('{"n_head": 2, "layer_norm_epsilon": null}', "layer_norm_epsilon = None must be")]:
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)) as e:
-            GPT.from_gpt2(str(path))
+            from_gpt2(str(path))
         assert "config.json" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -161,7 +162,7 @@ def test_from_gpt2_roundtrip_hf_layout(tmp_path, prefix):
     sd["lm_head.weight"] = ref.transformer.wte.weight.detach().clone()
     write_safetensors(tmp_path / "model.safetensors", sd)
     (tmp_path / "config.json").write_text(json.dumps({"n_head": 2, "n_positions": 16, "layer_norm_epsilon": 1e-5}))
-    m = GPT.from_gpt2(str(tmp_path / "model.safetensors")).eval()
+    m = from_gpt2(str(tmp_path / "model.safetensors")).eval()
     assert m.config == ref.config
     assert m.lm_head.weight is m.transformer.wte.weight
     for k, v in ref.state_dict().items():
@@ -176,24 +177,24 @@ def test_from_gpt2_clear_errors(tmp_path):
     path = tmp_path / "model.safetensors"
     write_safetensors(path, sd)
     with pytest.raises(ValueError, match="config.json"):  # n_embd 16 is no known GPT-2: n_head unknown
-        GPT.from_gpt2(str(path))
+        from_gpt2(str(path))
     (tmp_path / "config.json").write_text(json.dumps({"n_head": 2}))
     del sd["transformer.h.1.mlp.c_fc.bias"]
     write_safetensors(path, sd)
     with pytest.raises(ValueError, match=r"missing \['transformer\.h\.1\.mlp\.c_fc\.bias'\]"):
-        GPT.from_gpt2(str(path))
+        from_gpt2(str(path))
     sd = hf_layout(ref)
     sd["transformer.h.0.attn.c_attn.weight"] = sd["transformer.h.0.attn.c_attn.weight"].t().contiguous()  # not Conv1D
     sd["transformer.h.0.extra.weight"] = torch.zeros(2)
     write_safetensors(path, sd)
     unexpected = r"unexpected \['transformer\.h\.0\.extra\.weight'\], wrong shapes \['transformer\.h\.0\.attn\.c_attn"
     with pytest.raises(ValueError, match=unexpected):
-        GPT.from_gpt2(str(path))
+        from_gpt2(str(path))
     sd = hf_layout(ref)
     sd["lm_head.weight"] = torch.zeros(40, 16)  # an untied head would be silently lost
     write_safetensors(path, sd)
     with pytest.raises(ValueError, match="not tied"):
-        GPT.from_gpt2(str(path))
+        from_gpt2(str(path))
 
 
 @pytest.mark.parametrize("n_embd, n_head, n_layer", [(768, 12, 12), (1024, 16, 24), (1280, 20, 36), (1600, 25, 48)])
@@ -231,7 +232,7 @@ def hf_tiny(tmp_path):
             p.normal_(0.0, 0.5)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
-    ours = GPT.from_gpt2(str(tmp_path)).eval()
+    ours = from_gpt2(str(tmp_path)).eval()
     return hf, ours, tmp_path
 
 
@@ -308,9 +309,9 @@ def hub(tmp_path, monkeypatch):
             raise urllib.error.URLError("404 not found")
         served.append(key)
         return FakeResponse(files[key], hub.announced.get(key), hub.pause, hub.on_read)
-    monkeypatch.setattr(model_module, "GPT2_URL_BASE", "https://hub")
-    monkeypatch.setattr(model_module.urllib.request, "urlopen", urlopen)
-    monkeypatch.setattr(model_module, "GPT2_PUBLISHED", {
+    monkeypatch.setattr(gpt2, "GPT2_URL_BASE", "https://hub")
+    monkeypatch.setattr(gpt2.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(gpt2, "GPT2_PUBLISHED", {
         k: (len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()})
     return hub
 

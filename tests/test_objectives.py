@@ -13,7 +13,7 @@ A student who has written, say, afd.sft_loss grades it with
     python -m pytest -m "not slow" -k sft_loss
 
 and an instructor checks that each objective's tests, and only those, fail without it with
-`python course.py check` (`python course.py list` prints the objectives and their tests).
+`python tools/course.py check` (`python tools/course.py list` prints the objectives and their tests).
 """
 import itertools
 import math

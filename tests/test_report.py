@@ -1,4 +1,5 @@
 """What a reader sees: report.md's verdicts, dialogues and rerun command, and progress in a log file."""
+import dataclasses
 import io
 import shlex
 import sys
@@ -6,7 +7,9 @@ import sys
 import pytest
 
 import report
-import train
+import parallel
+import cli
+import checkpoint
 
 SFT = {"name": "sft", "golden_reward": 1.0, "golden_reward_stderr": 0.3}
 
@@ -29,26 +32,26 @@ def test_a_prompt_is_shown_as_a_dialogue():
 
 
 def test_the_rerun_command_parses_back_to_the_same_config():
-    cfg = train.Config(preset="smoke", seed=3, demos="my demos.jsonl", bf16=False, methods="bon,irft")
-    command = report.config_command(train.asdict(cfg))
+    cfg = cli.Config(preset="smoke", seed=3, demos="my demos.jsonl", bf16=False, methods="bon,irft")
+    command = report.config_command(dataclasses.asdict(cfg))
     argv = shlex.split(command.replace("\\\n", " "))[2:]  # as a shell reads it, after "python train.py"
-    parsed = train.parse_args(argv + ["--device=cpu", f"--out_dir={cfg.out_dir}"])
-    assert {k: v for k, v in train.asdict(parsed).items() if k != "device"} == \
-        {k: v for k, v in train.asdict(cfg).items() if k != "device"}
+    parsed = cli.parse_args(argv + ["--device=cpu", f"--out_dir={cfg.out_dir}"])
+    assert {k: v for k, v in dataclasses.asdict(parsed).items() if k != "device"} == \
+        {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
 
 
 def test_progress_in_a_log_file_is_a_line_at_an_interval_not_a_redraw(monkeypatch):
     err = io.StringIO()  # not a terminal
     monkeypatch.setattr(sys, "stderr", err)
-    monkeypatch.setattr(train, "PROGRESS_EVERY", 0.0)  # a line after every step
-    bar = train.progress(range(3), desc="pi_sft", total=3)
+    monkeypatch.setattr(parallel, "PROGRESS_EVERY", 0.0)  # a line after every step
+    bar = parallel.progress(range(3), desc="pi_sft", total=3)
     for step in bar:
         bar.set_postfix(loss=f"{step:.3f}")
     assert err.getvalue().splitlines()[0].startswith("[pi_sft] 1/3 (33%), loss=0.000, ")
     assert len(err.getvalue().splitlines()) == 3 and "\r" not in err.getvalue()
     err.truncate(0)
-    monkeypatch.setattr(train, "PROGRESS_EVERY", 3600.0)
-    assert list(train.progress(range(5), desc="quiet")) == list(range(5)) and err.getvalue() == ""
+    monkeypatch.setattr(parallel, "PROGRESS_EVERY", 3600.0)
+    assert list(parallel.progress(range(5), desc="quiet")) == list(range(5)) and err.getvalue() == ""
 
 
 def test_stage_time_table_lists_stages_their_parts_and_the_rest():
@@ -63,12 +66,12 @@ def test_stage_time_table_lists_stages_their_parts_and_the_rest():
 
 def test_timed_adds_up_the_time_of_each_block(monkeypatch):
     clock = iter([10.0, 12.5, 20.0, 21.0])
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(train, "STAGE_TIMES", {})
+    monkeypatch.setattr(checkpoint.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(checkpoint, "STAGE_TIMES", {})
     for _ in range(2):
-        with train.timed("rm/pref"):
+        with checkpoint.timed("rm/pref"):
             pass
-    assert train.STAGE_TIMES == {"rm/pref": 3.5}
+    assert checkpoint.STAGE_TIMES == {"rm/pref": 3.5}
 
 
 def fake_run(seed, sft, method, method_se, init_sft_bon, majority_bon):

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 import data
-import train
-from model import GPT, GPTConfig
+import cli
+import afd
+import checkpoint
+import training
+from model import GPT, GPTConfig, configure_optimizer
 from test_faults import comparable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +76,8 @@ def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(run, finished, t
     assert comparable(out)["reward_models"] != comparable(finished)["reward_models"]
 
 
-PROJECT = ["model.py", "data.py", "reward.py", "afd.py", "report.py", "train.py", "assets"]
+PROJECT = ["model.py", "gpt2.py", "data.py", "realdata.py", "reward.py", "afd.py", "report.py", "train.py", "cli.py",
+           "parallel.py", "checkpoint.py", "training.py", "assets"]
 
 
 @pytest.mark.slow
@@ -114,14 +118,14 @@ def test_code_versions_follow_references_across_modules(tmp_path):
                                        "def unused(x):\n    return x\n")
     (tmp_path / "afd.py").write_text("import model\nfrom model import helper as h\n\n"
                                      "def loss(x):\n    return h(x) + model.SCALE\n")
-    before = train.code_versions(("afd.loss",), folder=str(tmp_path))
+    before = checkpoint.code_versions(("afd.loss",), folder=str(tmp_path))
     assert sorted(before) == ["afd.loss", "model.SCALE", "model.helper"]
     (tmp_path / "model.py").write_text("SCALE = 3\n\ndef helper(x):\n    return SCALE * x\n\n"
                                        "def unused(x):\n    return -x\n")
-    train.module_names.cache_clear(), train.code_versions.cache_clear()
-    after = train.code_versions(("afd.loss",), folder=str(tmp_path))
+    checkpoint.module_names.cache_clear(), checkpoint.code_versions.cache_clear()
+    after = checkpoint.code_versions(("afd.loss",), folder=str(tmp_path))
     assert [k for k in before if before[k] != after[k]] == ["model.SCALE"]
-    assert train.changes({"code": before, "sft_lr": 1}, {"code": after, "sft_lr": 2}) == \
+    assert checkpoint.changes({"code": before, "sft_lr": 1}, {"code": after, "sft_lr": 2}) == \
         "sft_lr 1 -> 2; model.SCALE changed"
 
 
@@ -181,7 +185,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(run, tmp_path, capsys):
     evil = tmp_path / "pi_init.pt"
     torch.save({"model": RunsCode(marker)}, evil)
     with pytest.raises(SystemExit) as stop:
-        train.load_checkpoint(str(evil))
+        checkpoint.load_checkpoint(str(evil))
     assert stop.value.code == 2 and "is not a safe checkpoint" in capsys.readouterr().err
     assert not marker.exists()
     out = tmp_path / "out"
@@ -197,32 +201,68 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, capsys):
     small = GPT(GPTConfig(block_size=16, vocab_size=len(vocab), n_layer=1, n_head=1, n_embd=8))
     wide = GPT(GPTConfig(block_size=16, vocab_size=len(vocab), n_layer=1, n_head=1, n_embd=16))
     path = str(tmp_path / "pi_init.pt")
-    train.save_model(path, small, vocab, {"seed": 0})
+    checkpoint.save_model(path, small, vocab, {"seed": 0})
     with pytest.raises(SystemExit):
-        train.load_weights(wide, train.load_checkpoint(path), path, vocab)
+        checkpoint.load_weights(wide, checkpoint.load_checkpoint(path), path, vocab)
     assert "was made for another model config or vocabulary" in capsys.readouterr().err
     other_vocab = data.Vocab.from_texts(["\n\nHuman: Hello\n\nAssistant: Hi."])
     with pytest.raises(SystemExit):
-        train.load_weights(small, train.load_checkpoint(path), path, other_vocab)
-    train.load_weights(small, train.load_checkpoint(path), path, vocab)  # the right one loads
+        checkpoint.load_weights(small, checkpoint.load_checkpoint(path), path, other_vocab)
+    checkpoint.load_weights(small, checkpoint.load_checkpoint(path), path, vocab)  # the right one loads
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     torch.manual_seed(0)
-    cfg = train.Config(out_dir=str(tmp_path), ckpt_every=2, warmup_steps=1, device="cpu")
+    cfg = cli.Config(out_dir=str(tmp_path), ckpt_every=2, warmup_steps=1, device="cpu")
     vocab = data.Vocab.from_texts(["\n\nHuman: What is 2 plus 3?\n\nAssistant: 5."])
     model = GPT(GPTConfig(block_size=16, vocab_size=len(vocab), n_layer=1, n_head=1, n_embd=8))
+    opt = configure_optimizer(model, 1e-3, 0.0)
     idx = torch.randint(len(vocab), (2, 8))
-
-    def loss_of_batch(m, step):
-        loss = m(idx, idx)[1]
-        return loss * float("nan") if step == 5 else loss
+    ckpt = training.Checkpoint(training.Stage(cfg, vocab, {"toy": 1}), "toy", model=model, opt=opt)
     with pytest.raises(SystemExit):
-        train.fit(model, loss_of_batch, lambda step: step, 10, 1e-3, cfg, vocab, "toy", {"toy": 1})
+        for step in ckpt.steps(10):
+            loss = model(idx, idx)[1]
+            afd.optimizer_step(model, opt, loss * float("nan") if step == 5 else loss, 1e-3, cfg.grad_clip)
+            ckpt.log(step, loss)
     err = capsys.readouterr().err
     assert "toy: the loss became nan at step 5" in err and "toy.resume.pt" in err
     kept = torch.load(tmp_path / "toy.resume.pt", weights_only=True)
     assert kept["step"] == 4 and [r["step"] for r in kept["curve"]] == [0, 1, 2, 3]
+    assert set(kept["state"]) == {"opt"}  # every named state beside the model
+
+
+def test_a_resumed_loop_restores_every_named_state_and_ends_as_an_uninterrupted_one(tmp_path, capsys):
+    """Checkpoint: a loop killed after its checkpoint at step 4 goes on from there, with the model,
+    both optimisers and the RNG restored, and ends with the same weights and curve as one never killed."""
+    vocab = data.Vocab.from_texts(["\n\nHuman: What is 2 plus 3?\n\nAssistant: 5."])
+
+    def run(out, kill_at=None):
+        cfg = cli.Config(out_dir=str(tmp_path / out), ckpt_every=2, warmup_steps=1, device="cpu")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=len(vocab), n_layer=1, n_head=1, n_embd=8, dropout=0.1))
+        other = torch.nn.Linear(3, 1)  # a second trained module with its own optimiser (a discriminator)
+        opt, other_opt = configure_optimizer(model, 1e-2, 0.0), configure_optimizer(other, 1e-2, 0.0)
+        idx = torch.randint(len(vocab), (2, 8))
+        ckpt = training.Checkpoint(training.Stage(cfg, vocab, {"toy": 1}), "toy", model=model, opt=opt,
+                                   other=other, other_opt=other_opt)
+        for step in ckpt.steps(8):
+            if step == kill_at:
+                return None
+            afd.optimizer_step(other, other_opt, other(torch.rand(4, 3)).pow(2).mean(), 1e-2, 1.0)
+            loss = model(idx, idx)[1]  # dropout draws from the global RNG, restored on resume
+            afd.optimizer_step(model, opt, loss, afd.lr_at(step, 8, 1e-2, cfg), 1.0)
+            ckpt.log(step, loss)
+        return model, other
+    whole, whole_other = run("whole")
+    assert run("killed", kill_at=5) is None
+    resumed, resumed_other = run("killed")
+    assert "[toy] resuming from step 4 of 8" in capsys.readouterr().out
+    for a, b in [(whole, resumed), (whole_other, resumed_other)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    curve = lambda out: [json.loads(line)["loss"] for line in (tmp_path / out / "toy.curve.jsonl").read_text().splitlines()]
+    assert curve("whole") == curve("killed") and len(curve("whole")) == 8
+    assert not (tmp_path / "killed" / "toy.resume.pt").exists()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Scoring that runs each prompt once (model.SharedPrompts, model.score_pairs, train.score): every scorer gets the same
+"""Scoring that runs each prompt once (model.SharedPrompts, model.score_pairs, parallel.score): every scorer gets the same
 numbers as on data.make_batch's full sequences, to float tolerance, and equal pairs get equal scores.
 Prompts of different lengths (left padding), responses of different lengths (right padding), one-token
 and empty responses, all in one call."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reward
-import train
+import parallel
 from data import make_batch
 from model import SharedPrompts, scoring_batches, shared_prompt_batch
 
@@ -131,7 +131,7 @@ def test_gradients_on_shared_prompts_equal_the_plain_forward(tiny_gpt, reference
 
 
 # ----------------------------------------------------------------------------------------
-# train.score: flat lists, prompt-major or not, equal pairs, several batches
+# parallel.score: flat lists, prompt-major or not, equal pairs, several batches
 
 CFG, VOCAB = SimpleNamespace(device="cpu", bf16=False), SimpleNamespace(eot_id=0)
 
@@ -147,7 +147,7 @@ def flat_rows():
 
 @torch.no_grad()
 def plain_scores(scorer, prompts, responses):
-    """The old train.score: make_batch rows, in order, no sharing."""
+    """The plain scorer: make_batch rows, in order, no sharing."""
     return torch.cat([scorer(*make_batch(prompts[i:i + 5], responses[i:i + 5], pad_id=0)) for i in range(0, len(prompts), 5)])
 
 
@@ -157,7 +157,7 @@ def test_score_equals_the_plain_forward_and_equal_pairs_tie(tiny_gpt, kind, batc
     cls = reward.RewardModel if kind == "reward_model" else reward.AVARewardModel
     scorer = trained_like(cls.from_policy(tiny_gpt(vocab=12, n_layer=2)))
     prompts, responses = flat_rows()
-    got = train.score(scorer, prompts, responses, CFG, VOCAB, batch=batch)
+    got = parallel.score(scorer, prompts, responses, CFG, VOCAB.eot_id, batch=batch)
     torch.testing.assert_close(got, plain_scores(scorer, prompts, responses), rtol=0, atol=ATOL)
     pairs = [(tuple(p), tuple(r)) for p, r in zip(prompts, responses)]
     for i in range(len(pairs)):  # equal pairs: exactly equal scores, wherever they are
@@ -170,7 +170,7 @@ def test_score_kinds_scores_each_kind_in_one_call(tiny_gpt):
     scorer = trained_like(reward.RewardModel.from_policy(tiny_gpt(vocab=12, n_layer=2)))
     prompts = [[1, 2, 3], [4, 5], [6]]
     kinds = {"a": [[7], [8, 9], [1]], "b": [[7], [2], [3, 3]], "c": [[7, 1], [8, 9], []]}
-    got = train.score_kinds(scorer, prompts, kinds, CFG, VOCAB)
+    got = parallel.score_kinds(scorer, prompts, kinds, CFG, VOCAB.eot_id)
     for kind, responses in kinds.items():
         torch.testing.assert_close(got[kind], plain_scores(scorer, prompts, responses), rtol=0, atol=ATOL)
     assert got["a"][0] == got["b"][0] and got["a"][1] == got["c"][1]  # equal responses of one prompt: a tie

@@ -25,10 +25,10 @@ SDPA attention), measured side by side in one run, at each model size of --sizes
 3. Scoring, candidates scored/s: the sequence log-prob sum_t log p(y_t | x, y_<t) of P' = score_prompts random
    prompts x N candidates (random tokens, lengths uniform in 1..L, all distinct), what LogRatioReward and the
    KL estimate compute (a reward model's forward is the same trunk with another head). Scorers:
-     ours      model.score_pairs, train.score's path: each prompt runs once for a group of up to 4 of its
+     ours      model.score_pairs, parallel.score's path: each prompt runs once for a group of up to 4 of its
                candidates, only the candidates' tokens per row (model.SharedPrompts), batches grouped by length
      plain     our model on data.make_batch's full sequences (prompt + candidate), score_batch rows at a
-               time in the given order: the path train.score took before
+               time in the given order: the path parallel.score took before
      hf        GPT2LMHeadModel on the same batches as plain (attention_mask on the right padding)
    The table gives each side's candidates/s, ours / plain, ours / HF, and the largest difference of a
    score from plain's (the same numbers to float tolerance). Real Best-of-N candidates repeat (the cpu
@@ -44,9 +44,9 @@ hf, ...), so that a busy neighbour or a hot cache falls on both alike. The slow 
 is left at its default. Ratios are ours / HF (or ours / plain) in tokens/s or candidates/s. Prints markdown
 tables and writes every number to --out (JSON). Without transformers it prints a note and measures ours only.
 
-    python bench.py                                   # CPU: about 1.5 minutes on 2 cores
-    python bench.py --device=cuda --out=bench_cuda.json
-    python bench.py --sizes=4x128 --reps=3 --slow_reps=0   # quick look: small model, no no-cache loop
+    python tools/bench.py                                   # CPU: about 1.5 minutes on 2 cores
+    python tools/bench.py --device=cuda --out=bench_cuda.json
+    python tools/bench.py --sizes=4x128 --reps=3 --slow_reps=0   # quick look: small model, no no-cache loop
 """
 import argparse
 import contextlib
@@ -64,8 +64,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import make_batch
-from model import GPT, GPTConfig, _sample, atomic_write, configure_optimizer, generate, score_pairs, sequence_logprob
+ROOT = Path(__file__).resolve().parents[1]  # the project, above tools/
+sys.path.insert(0, str(ROOT))
+
+from data import make_batch  # noqa: E402  (after the sys.path line above)
+from checkpoint import atomic_write  # noqa: E402
+from model import (GPT, GPTConfig, _sample, configure_optimizer, generate,  # noqa: E402
+                   score_pairs, sequence_logprob)
 
 try:
     import transformers

@@ -3,17 +3,17 @@ Course mode: students write the objectives of this repository (its losses and es
 their formulas in METHOD.md, and pytest grades each one. This is the instructor's tool. It works
 on the source text with ast, never imports the project, and needs only the standard library.
 
-    python course.py list                      the objectives, their METHOD.md sections, their tests
-    python course.py student-copy OUT_DIR      a copy of the project with every objective removed
-    python course.py student-copy OUT_DIR --remove afd.sft_loss,reward.gaussian_logpdf
-    python course.py check [NAME ...]          for each objective (all by default): remove it alone,
-                                               run the fast suite, and check that exactly its tests fail
+    python tools/course.py list                      the objectives, their METHOD.md sections, their tests
+    python tools/course.py student-copy OUT_DIR      a copy of the project with every objective removed
+    python tools/course.py student-copy OUT_DIR --remove afd.sft_loss,reward.gaussian_logpdf
+    python tools/course.py check [NAME ...]          for each objective (all by default): remove it alone,
+                                                     run the fast suite, and check that exactly its tests fail
 
 A removed objective keeps its decorators, signature and docstring; its body becomes one line that
 raises NotImplementedError with a message naming the objective, its METHOD.md section and the
 command that grades it. An objective's tests are the test functions of tests/test_*.py decorated
 with @pytest.mark.objective("<module>.<name>"); they are named test_<short name>_..., so that
-`python -m pytest -m "not slow" -k <short name>` runs them (short names: `python course.py list`).
+`python -m pytest -m "not slow" -k <short name>` runs them (short names: `python tools/course.py list`).
 `check` runs the fast suite once with nothing removed (and stops there, naming the failing tests, if
 that fails), then once per objective: minutes, not seconds. `student-copy` refuses an empty --remove
 (it would hand out every solution) and a destination inside the project.
@@ -32,7 +32,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the project, above tools/
 
 # qualified name -> the METHOD.md section that gives its formula (the order of METHOD.md)
 OBJECTIVES = {
@@ -290,7 +290,7 @@ def cmd_list(args):
 def cmd_student_copy(args):
     names = resolve([n.strip() for n in args.remove.split(",") if n.strip()])
     if not names:  # a copy with nothing removed hands out every solution
-        fail(f"--remove={args.remove!r} names no objective: give some (comma-separated, see `python course.py "
+        fail(f"--remove={args.remove!r} names no objective: give some (comma-separated, see `python tools/course.py "
              f"list`) or 'all'")
     out_dir = Path(args.out_dir).resolve()
     if out_dir == ROOT or ROOT in out_dir.parents:  # every later copy would contain this one

@@ -9,9 +9,9 @@ Gao et al.'s form per curve:
     golden(n) - golden(1) = d (alpha - beta d),   d = sqrt(KL bound of n),
     peaking at d* = alpha / (2 beta), i.e. KL* = d*^2 (no peak within reach if beta <= 0).
 
-    python budget.py                                 # preset cpu, factors 1,4,16
-    python budget.py --factors=1,2 --preset=smoke    # any train.py option too
-    python budget.py --seed=1 --out_dir=out_budget
+    python tools/budget.py                                 # preset cpu, factors 1,4,16
+    python tools/budget.py --factors=1,2 --preset=smoke    # any train.py option too
+    python tools/budget.py --seed=1 --out_dir=out_budget
 
 Each budget is a run of train.py (--methods=bon) in <out_dir>/x<factor>, with its stages and
 caches: pi_init and pi_sft are trained once (in x1) and copied to the others, and a rerun loads
@@ -23,13 +23,20 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
-import train
-from model import atomic_write
-from report import write_text
+ROOT = Path(__file__).resolve().parents[1]  # the project, above tools/
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402  (after the sys.path line above)
+from cli import die, parse_args  # noqa: E402
+from parallel import log  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
+from report import write_text  # noqa: E402
 
 SHARED = ["pi_init.pt", "pi_init.curve.jsonl", "pi_sft.pt", "pi_sft.curve.jsonl"]  # the same at every budget
 
@@ -125,9 +132,9 @@ def main(argv):
             factors = [int(f) for f in given[-1].split("=", 1)[1].split(",")]
             assert factors and all(f >= 1 for f in factors)
         except (IndexError, ValueError, AssertionError):
-            train.die(f"{given[-1]!r}: give --factors=1,4,16 (whole numbers >= 1)")
+            die(f"{given[-1]!r}: give --factors=1,4,16 (whole numbers >= 1)")
     argv = [a for a in argv if not a.startswith("--factors")]
-    cfg = train.parse_args(argv)  # the base config, validated once
+    cfg = parse_args(argv)  # the base config, validated once
     out_dir = cfg.out_dir if any(a.startswith("--out_dir") for a in argv) else "out_budget"
     rows = []
     for factor in factors:
@@ -138,7 +145,7 @@ def main(argv):
             if run_dir != first and os.path.exists(os.path.join(first, name)) and \
                     not os.path.exists(os.path.join(run_dir, name)):
                 atomic_write(os.path.join(run_dir, name), partial(shutil.copyfile, os.path.join(first, name)))
-        train.log(f"[budget] x{factor}: rm_steps {cfg.rm_steps * factor}, n_rm_samples {cfg.n_rm_samples * factor}")
+        log(f"[budget] x{factor}: rm_steps {cfg.rm_steps * factor}, n_rm_samples {cfg.n_rm_samples * factor}")
         results = train.main(argv + [f"--out_dir={run_dir}", "--methods=bon", f"--rm_steps={cfg.rm_steps * factor}",
                                      f"--n_rm_samples={cfg.n_rm_samples * factor}"],
                              host_fix=f"lower --factors (x{factor} makes --n_rm_samples {cfg.n_rm_samples * factor}), "
@@ -147,7 +154,7 @@ def main(argv):
                  if factor == factors[0] or r["rm"] not in ("oracle", "majority")]
     rows.sort(key=lambda r: (r["rm"] in ("oracle", "majority"), r["rm"], r["factor"]))
     title = f"Reward-model budget study: preset {cfg.preset}, seed {cfg.seed}"
-    write_text(json.dumps({"factors": factors, "config": train.asdict(cfg), "rows": rows}, indent=2),
+    write_text(json.dumps({"factors": factors, "config": asdict(cfg), "rows": rows}, indent=2),
                os.path.join(out_dir, "budget_study.json"))
     drawn = plot_study(rows, os.path.join(out_dir, "budget_study.png"), title)
     write_text("\n".join([f"# {title}", "", f"Budgets: x{', x'.join(map(str, factors))} of the preset's "

@@ -1,0 +1,326 @@
+"""
+Checkpoints and the stage cache, which no method needs to read: every file the project writes
+goes through atomic_write (whole or absent, never half); checkpoints are loaded with
+weights_only=True and hold the stage config they were made with, so that a rerun loads what is
+up to date and redoes the rest; a stage's config includes a hash of the code it runs
+(code_versions). Also the one-run-per-out-dir lock, and the run's lines and times for the report.
+
+    stage_config(cfg, stage, unit=None)   what a stage's (or one reward model's, method's) result depends on
+    saved_result(path, stage_cfg, what)   a checkpoint if it is up to date, else None
+    save_model, load_weights, load_checkpoint, save_atomic, atomic_write
+"""
+import ast
+import errno
+import hashlib
+import os
+import shutil
+import time
+import uuid
+import zlib
+from contextlib import contextmanager, suppress
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import parallel
+from cli import STAGE_FIELDS, die
+from parallel import is_main, log
+
+
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a folder without permission): the message
+    names the file and the reason."""
+
+
+def atomic_write(path, write):
+    """Every file the project writes goes through here: write(tmp_path) fills a temporary file
+    beside path, which then replaces path in one rename, so path is always whole or absent. The
+    temporary name is this call's own (two processes writing one path never share it) and is
+    removed whatever happens; a failed write raises WriteError naming path."""
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if isinstance(e, WriteError) or not is_write_failure(e):
+            raise  # not the disk's fault (a network error while downloading, a bug): as it is
+        raise WriteError(f"cannot write {path}: {why_not_written(e, path)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                errno.ENOENT}
+
+
+def is_write_failure(error):
+    """Is this error a file that could not be written: an OSError of WRITE_ERRNOS, or torch.save's
+    C++ writer failing (a RuntimeError saying so)?"""
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    return any(s in str(error) for s in ("file write failed", "PytorchStreamWriter", "unexpected pos"))
+
+
+def why_not_written(error, path):
+    """The reason a write failed, in words: the OS's, else (torch.save's writer says only "unexpected
+    pos") a full disk found by looking, else what can stop a write part-way."""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    try:
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return "it could not be written in full (no space left on the device, or a quota or file-size limit)"
+
+
+# ----------------------------------------------------------------------------------------
+# Code is part of a stage's stamp: a hash of the source of every function, class and
+# module-level constant of the project that the stage's function reaches by name, however
+# indirectly (its closure in the call graph, read from the source with `ast`). Edit a loss
+# and the stages that call it are redone, with everything downstream; the others are loaded.
+
+# the modules whose code can change a result (report.py, cli.py and this file never do)
+CODE_FILES = ("model", "gpt2", "data", "realdata", "reward", "afd", "parallel", "training", "train")
+STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain"], "sft": ["train.stage_sft"],
+              "sample": ["train.stage_sample"], "rm": ["train.stage_gold", "train.stage_reward_models"],
+              "policy": ["train.stage_policies"], "evaluate": ["train.stage_evaluate"]}
+# they print or time; no result depends on them
+OUTPUT_ONLY = {"parallel.log", "parallel.progress", "training.not_finite"}
+# Within a stage, each reward model and each method is stamped with its own code only (the
+# others' entry points are left out), so that an edited IRFT loss retrains IRFT, not the rest.
+UNIT_CODE = {"rm": {"init_sft": "afd.discriminator_batch_loss", "init_demo": "afd.discriminator_batch_loss",
+                    "sft_demo": "afd.discriminator_batch_loss", "pref": "reward.pairwise_loss",
+                    "ava_d": "reward.ava_d_loss", "ava_p": "reward.ava_p_loss"},
+             "policy": {"afd_adversarial": "afd.afd_adversarial", "irl_iterated": "afd.irl_iterated",
+                        "irft": "afd.irft", "rl_init_sft": "afd.rl_on_reward", "rl_ava_d": "afd.rl_on_reward",
+                        "ava_d_direct": "afd.ava_d_direct"}}
+
+
+@lru_cache(maxsize=None)
+def module_names(folder, module):
+    """A module's top-level names: {name: (its source, the names it refers to)}, with what its
+    imports bind: {alias: (module, name)} (name None for `import module`)."""
+    source = Path(folder, f"{module}.py").read_text()
+    names, imports = {}, {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            imports.update({a.asname or a.name: (a.name, None) for a in node.names if a.name in CODE_FILES})
+        elif isinstance(node, ast.ImportFrom) and node.module in CODE_FILES:
+            imports.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)):
+            assigned = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            targets = ([node.name] if hasattr(node, "name") else
+                       [t.id for a in assigned for t in ast.walk(a) if isinstance(t, ast.Name)])
+            refs = [(n.value.id, n.attr) if isinstance(n, ast.Attribute) else (n.id, None)
+                    for n in ast.walk(node) if isinstance(n, ast.Name) or
+                    (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name))]
+            names.update({t: (ast.get_source_segment(source, node), refs) for t in targets})
+    return names, imports
+
+
+@lru_cache(maxsize=None)
+def code_versions(roots, skip=frozenset(), folder=os.path.dirname(os.path.abspath(__file__))):
+    """{"module.name": hash of its source} for roots ("module.name", ...) and every top-level
+    name of the project they refer to, transitively, except the names in skip."""
+    out, todo = {}, list(roots)
+    while todo:
+        module, name = todo.pop().split(".", 1)
+        key = f"{module}.{name}"
+        names, imports = module_names(folder, module)
+        if key in out or key in OUTPUT_ONLY or key in skip or name not in names:
+            continue
+        source, refs = names[name]
+        out[key] = hashlib.sha256(source.encode()).hexdigest()[:12]
+        for ref, attr in refs:
+            if ref in names:
+                todo.append(f"{module}.{ref}")
+            elif ref in imports:
+                target_module, target = imports[ref]
+                if target or attr:
+                    todo.append(f"{target_module}.{target or attr}")
+    return dict(sorted(out.items()))
+
+
+def changes(saved, current):
+    """In a few words, why a saved stage config is not the current one."""
+    if "code" not in saved:
+        return "the code changed"
+    code = [k for k in current.get("code", {}) if saved["code"].get(k) != current["code"][k]]
+    fields = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in dict.fromkeys([*current, *saved])
+              if k != "code" and saved.get(k) != current.get(k)]
+    said = fields + ([", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "") + " changed"]
+                     if code else [])
+    return "; ".join(said) or "the code changed"
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: written atomically by rank 0 (model.atomic_write), loaded with
+# weights_only=True, each holding the stage config it was made with.
+
+def save_atomic(obj, path):
+    if is_main():
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    if parallel.WORLD > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path):
+    """A checkpoint's dict, unpickled safely (tensors and plain data only, never code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything else with an UnpicklingError
+        die(f"{path} is not a safe checkpoint of this project ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]}); delete it, or use another --out_dir")
+    if not isinstance(state, dict):
+        die(f"{path} holds a {type(state).__name__}, not a checkpoint of this project; delete it, or use another --out_dir")
+    return state
+
+
+def stage_config(cfg, stage, unit=None):
+    """The config a stage's result depends on: its fields and those of every stage before it,
+    and the source of the code they run (code_versions); of one unit of the stage (a reward
+    model, a method: UNIT_CODE) if given."""
+    names = list(STAGE_FIELDS)
+    out = {"processes": parallel.WORLD}
+    for s in names[:names.index(stage) + 1]:
+        out.update({k: getattr(cfg, k) for k in STAGE_FIELDS[s]})
+    if cfg.demos:
+        out["demos_crc32"] = file_crc32(cfg.demos)
+    others = frozenset(UNIT_CODE[stage].values()) - {UNIT_CODE[stage][unit]} if unit else frozenset()
+    out["code"] = code_versions(tuple(root for s in names[:names.index(stage) + 1] for root in STAGE_CODE[s]), others)
+    if unit:
+        out["unit"] = unit
+    return out
+
+
+@lru_cache(maxsize=None)
+def file_crc32(path):
+    """A file's CRC-32, read once per run (it stamps every stage made from the file)."""
+    with open(path, "rb") as f:
+        return zlib.crc32(f.read())
+
+
+def saved_result(path, stage_cfg, what):
+    """The checkpoint at path if it was made with stage_cfg (then the stage is skipped), else None."""
+    if not os.path.exists(path):
+        return None
+    state = load_checkpoint(path)
+    if state.get("stage_config") != stage_cfg:
+        log(f"[{what}] {changes(state.get('stage_config', {}), stage_cfg)} since {path}: redoing it")
+        return None
+    return state
+
+
+def save_model(path, model, vocab, stage_cfg, **extra):
+    save_atomic({"model": model.state_dict(), "model_config": asdict(model.config),
+                 "vocab": vocab.ids, "stage_config": stage_cfg, **extra}, path)
+
+
+def load_weights(model, state, path, vocab):
+    """Load a checkpoint into model, with a clear error if it was made for another model."""
+    if state.get("model_config") != asdict(model.config) or state.get("vocab") != vocab.ids:
+        die(f"{path} was made for another model config or vocabulary "
+            f"({state.get('model_config')} vs {asdict(model.config)}); "
+            f"delete it, or use another --out_dir")
+    broken = [k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        die(f"{path} holds NaN or infinite weights ({broken[0]}); delete it and run again")
+    model.load_state_dict(state["model"])
+
+
+def restore(model, path, stage_cfg, vocab, what):
+    """Load model from path if that result is up to date; returns its saved state, or None."""
+    state = saved_result(path, stage_cfg, what)
+    if state is not None:
+        load_weights(model, state, path, vocab)
+        model.eval()
+    return state
+
+
+STAGE_LINES = []  # what this run did, one line per result: trained / sampled / loaded, and its end figures
+
+
+def said(what, line):
+    """Log a stage line ("[pi_sft] trained 400 steps ...") and keep it for report.md."""
+    STAGE_LINES.append(f"{what}: {line}")
+    log(f"[{what}] {line}")
+
+
+STAGE_TIMES = {}  # wall time (s) of each stage ("rm") and of its parts ("rm/pref"), in the order they started
+
+
+@contextmanager
+def timed(name):
+    """Adds the wall time of a `with timed(name):` block (or of each call of a function decorated
+    with @timed(name)) to STAGE_TIMES[name]; results.json keeps them, report.md tabulates them."""
+    STAGE_TIMES.setdefault(name, 0.0)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_TIMES[name] += time.perf_counter() - start
+
+# ----------------------------------------------------------------------------------------
+# One run per out dir
+
+def check_out_dir(cfg):
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --out_dir={cfg.out_dir!r}: {e.strerror}; pick a writable folder")
+    if not os.access(cfg.out_dir, os.W_OK):
+        die(f"--out_dir={cfg.out_dir!r} is not writable; pick a writable folder")
+
+
+@contextmanager
+def out_dir_lock(out_dir):
+    """One run per out dir: <out_dir>/run.lock holds the running process's id while it runs. A second
+    run meets it with one line naming that process; a lock whose process is gone (a run that was
+    killed) is stale and taken over; the lock is removed when the run ends, also on Ctrl-C or an error."""
+    path = os.path.join(out_dir, "run.lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder is not None and holder != os.getpid() and process_alive(holder):
+                die(f"another run (process {holder}) is using --out_dir={out_dir}; wait for it to end or give "
+                    f"another --out_dir (if no such run is going, delete {path})")
+            with suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+        except OSError as e:
+            die(f"cannot create {path}: {e.strerror}; pick a writable --out_dir")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        if lock_holder(path) == os.getpid():
+            with suppress(OSError):
+                os.remove(path)
+
+
+def lock_holder(path):
+    """The process id written in a lock file, or None if there is none or it cannot be read."""
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by another user
+    return True
+
+
