@@ -112,6 +112,36 @@ def test_check_stops_at_once_when_the_untouched_tree_fails(monkeypatch, capsys):
     assert "already fails the fast suite" in out and "afd.kl_bound" not in out
 
 
+def test_every_catalogued_mistake_applies_once_within_its_objectives_body():
+    """Each entry of course.MISTAKES changes its own objective's body (and nothing else) and compiles;
+    an entry whose text is not in the body, or is there twice, is refused (None)."""
+    assert set(course.MISTAKES) == set(OBJECTIVES)
+    for name, entries in course.MISTAKES.items():
+        path = ROOT / (name.split(".")[0] + ".py")
+        text = path.read_text()
+        for what, old, new in entries:
+            mutated = course.with_mistake(text, name, old, new)
+            assert mutated is not None and mutated != text, (name, what)
+            before, after = text.splitlines(), mutated.splitlines()
+            changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+            fn = course.find_def(ast.parse(text), name)
+            assert changed and fn.lineno <= changed[0] + 1 <= fn.end_lineno, (name, what)
+    text = (ROOT / "afd.py").read_text()
+    assert course.with_mistake(text, "afd.kl_bound", "not in the body", "x") is None
+    assert course.with_mistake(text, "afd.irft_loss", "logp", "x") is None  # there several times
+
+
+@pytest.mark.slow
+def test_mistakes_reports_a_caught_mistake_and_a_missed_one(monkeypatch, capsys):
+    """course.mistakes on afd.kl_bound: its catalogue is caught; a harmless rewrite (the same value)
+    is reported MISSED, and the run fails."""
+    assert course.mistakes(ROOT, ["afd.kl_bound"]) is True
+    assert capsys.readouterr().out.count(" caught") == len(course.MISTAKES["afd.kl_bound"])
+    monkeypatch.setitem(course.MISTAKES, "afd.kl_bound", [("the same, written otherwise", "(n - 1) / n", "(1 - 1 / n)")])
+    assert course.mistakes(ROOT, ["afd.kl_bound"]) is False
+    assert "MISSED" in capsys.readouterr().out
+
+
 def test_every_objective_has_marked_tests_that_its_short_name_selects():
     tests = course.objective_tests(ROOT)
     assert set(tests) == set(OBJECTIVES), "a marker names no objective"

@@ -1,5 +1,7 @@
 """The tokenizer, the built-in task's golden reward, and batching."""
 import json
+import math
+import random
 import socket
 
 import pytest
@@ -110,17 +112,42 @@ def test_task_splits_are_disjoint_and_demonstrations_are_expert():
               {row[0] for row in task.heldout}, set(task.eval_prompts)]
     assert sum(map(len, splits)) == len(set().union(*splits)) == 620
     assert all(golden_reward(p, r) == 2.5 for p, r in task.demos)
-    corpus = [golden_reward(p, r) for p, r in task.pretrain]
-    assert 0.3 < sum(corpus) / len(corpus) < 1.5  # a mixed-quality base corpus
     assert any("\n\nHuman:" in p[10:] for p in task.eval_prompts)  # some are multi-turn
     assert data.build_task(3, 400, 100, 50, 20, 50) == task  # the seed decides everything
 
 
-def test_preference_labels_follow_the_golden_reward():
-    task = data.build_task(seed=0, n_pretrain=10, n_demo=10, n_rm=600, n_heldout=10, n_eval=10)
+@pytest.mark.parametrize("temp", [0.5, 1.0, 3.0])
+def test_preference_labels_agree_with_the_golden_reward_at_the_bradley_terry_rate(temp):
+    """A pair whose golden rewards differ by d is labelled the right way round with probability
+    sigma(|d| / pref_noise_temp): the observed agreement is within 3 standard errors of the mean of
+    those probabilities over the drawn pairs (a wrong sign, temperature or noise model is not)."""
+    task = data.build_task(seed=0, n_pretrain=10, n_demo=10, n_rm=1500, n_heldout=10, n_eval=10, pref_noise_temp=temp)
     diffs = [golden_reward(p, c) - golden_reward(p, r) for p, c, r in task.pref_pairs]
-    agree = sum(d > 0 for d in diffs) / sum(d != 0 for d in diffs)
-    assert 0.7 < agree < 0.97  # mostly right, with Bradley-Terry label noise
+    p_right = [1 / (1 + math.exp(-abs(d) / temp)) for d in diffs if d != 0]
+    observed = sum(d > 0 for d in diffs) / len(p_right)
+    expected = sum(p_right) / len(p_right)
+    se = math.sqrt(sum(p * (1 - p) for p in p_right)) / len(p_right)
+    assert abs(observed - expected) < 3 * se, (observed, expected, se)
+    twice_as_noisy = sum(1 / (1 + math.exp(-abs(d) / (2 * temp))) for d in diffs if d != 0) / len(p_right)
+    assert abs(observed - twice_as_noisy) > 3 * se  # the test tells the temperature apart
+
+
+def test_the_pre_training_corpus_mean_golden_reward_is_the_quality_mixtures():
+    """The corpus is a mixture of response qualities with weights data.QUALITIES: its mean golden
+    reward is within 3 standard errors of sum_q w_q E[golden | q], with E[golden | q] measured on
+    independent responses of each quality to fresh prompts of the task's mixture."""
+    task = data.build_task(seed=3, n_pretrain=3000, n_demo=10, n_rm=10, n_heldout=10, n_eval=10)
+    corpus = [golden_reward(p, r) for p, r in task.pretrain]
+    rng = random.Random(12345)
+    prompts = data._unique_prompts(rng, 4000, set(), 0.3)
+    by_quality = {q: sum(golden_reward(p, data.base_response(p, q, rng)) for p in prompts) / len(prompts)
+                  for q in data.QUALITIES}
+    expected = sum(w * by_quality[q] for q, w in data.QUALITIES.items())
+    mean = sum(corpus) / len(corpus)
+    se = math.sqrt(sum((g - mean) ** 2 for g in corpus) / (len(corpus) - 1) / len(corpus))
+    # 0.02 bounds the standard error of the measured mixture (4000 responses of each quality)
+    assert abs(mean - expected) < 3 * math.hypot(se, 0.02), (mean, expected, se)
+    assert max(by_quality.values()) - min(by_quality.values()) > 1.0  # the qualities differ: the mixture matters
 
 
 def test_make_batch_masks_everything_but_the_response():

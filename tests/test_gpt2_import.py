@@ -230,7 +230,7 @@ def hf_tiny(tmp_path):
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.5)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf.save_pretrained(tmp_path)  # model.safetensors: the only format transformers 5 writes
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
     ours = from_gpt2(str(tmp_path)).eval()
     return hf, ours, tmp_path

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import afd
-import data
-import cli
 import checkpoint
+import cli
+import data
+import reward
 import training
 from model import SharedPrompts, configure_optimizer, frozen_copy, trainable_copy
 from reward import RewardModel
@@ -153,16 +154,23 @@ def test_the_discriminator_step_trains_the_discriminator_only(tiny_gpt):
     assert changed(disc_before, disc)
     assert not changed(ref_before, ref)
     assert not changed(policy_before, policy)  # the policy's optimiser step comes after
-    assert {"reward", "kl", "disc_acc"} <= set(stats) and 0 <= stats["disc_acc"] <= 1
+    assert {"reward", "kl", "disc_acc"} <= set(stats)
+    assert stats["disc_acc"] == 0.0  # before its first step D's zero head gives r = 0: no class on its side
     assert torch.isfinite(loss) and loss.requires_grad
     loss.backward()
     assert any(p.grad is not None and (p.grad != 0).any() for p in policy.parameters())
     assert all(p.grad is None for p in ref.parameters())
 
 
-def test_the_discriminator_step_raises_the_demonstrations_logits_over_the_samples(tiny_gpt):
+def reference_discriminator_loss(r_pos, r_neg):
+    return -(torch.nn.functional.logsigmoid(r_pos).mean() + torch.nn.functional.logsigmoid(-r_neg).mean())
+
+
+def test_the_discriminator_step_raises_the_demonstrations_logits_over_the_samples(tiny_gpt, monkeypatch):
     """Steps of discriminator_step on fixed demonstrations and samples move D the right way:
-    the demonstrations' logits rise above the samples', and the accuracy it returns reaches 1."""
+    the demonstrations' logits rise above the samples', and the accuracy it returns reaches 1.
+    (The loss itself, an objective of its own, is a reference here.)"""
+    monkeypatch.setattr(afd, "discriminator_loss", reference_discriminator_loss)
     disc = RewardModel.from_policy(tiny_gpt())
     disc_opt = configure_optimizer(disc, 1e-2, 0.0)
     demos = data.make_batch(PROMPTS, [[2, 3, EOS], [5, EOS], [9, 1, EOS]], EOS)
@@ -294,8 +302,7 @@ def test_tailored_batches_put_each_models_positives_first_on_the_same_prompts(mo
     half on the same prompt; a scorer that knows the classes gets a loss near 0 from
     afd.discriminator_batch_loss, one that has them the wrong way round a large one. (The loss itself,
     an objective of its own, is a reference here.)"""
-    monkeypatch.setattr(afd, "discriminator_loss", lambda r_pos, r_neg: -(torch.nn.functional.logsigmoid(r_pos).mean()
-                                                                           + torch.nn.functional.logsigmoid(-r_neg).mean()))
+    monkeypatch.setattr(afd, "discriminator_loss", reference_discriminator_loss)
     prompts, demos = [[1, 2], [3, 4, 5], [6]], [[1, EOS], [1, 1, EOS], [1, 2, EOS]]
     init = [[3, EOS], [3, 4, EOS], [3, EOS], [3, 3, EOS], [3, 9, EOS], [3, EOS]]   # starts with 3
     sft = [[2, EOS], [2, 2, EOS], [2, 5, EOS], [2, EOS], [2, 8, EOS], [2, 2, 2, EOS]]  # starts with 2
@@ -321,6 +328,27 @@ def test_tailored_batches_put_each_models_positives_first_on_the_same_prompts(mo
                 first = idx[torch.arange(idx.shape[0]), lengths]
                 return self.sign * torch.where(first == first_token[positives], 10.0, -10.0)
         assert afd.discriminator_batch_loss(Knows(1), batch) < 1e-3 < 10 < afd.discriminator_batch_loss(Knows(-1), batch)
+
+
+def test_a_bradley_terry_batch_is_trained_with_its_better_half_first(monkeypatch):
+    """The batch the reward models' loops build from (prompt, better, worse) triples
+    (training.Batches.triples_batch, for pref, ava_p and iterated IRL's reward) and reward.pairwise_loss
+    read it the same way round: a scorer that ranks the better responses higher gets a loss below
+    log 2, one that ranks them lower a loss above it. (The loss, an objective, is a reference here.)"""
+    monkeypatch.setattr(reward, "bradley_terry_loss",
+                        lambda r_chosen, r_rejected: -torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean())
+    triples = [([1, 2], [3, EOS], [4, 4, EOS]), ([5], [3, 3, EOS], [4, EOS]), ([6, 7, 8], [3, 5, EOS], [4, 6, EOS])]
+    batch = training.Batches(cli.Config(device="cpu"), EOS, DEMOS).triples_batch(triples)
+
+    class FirstToken(torch.nn.Module):  # +1 for a response that starts with 3 (the better), -1 for 4
+        def __init__(self, sign):
+            super().__init__()
+            self.sign = sign
+
+        def forward(self, idx, targets, last):
+            first = targets[torch.arange(len(targets)), (targets != -100).int().argmax(dim=1)]
+            return self.sign * torch.where(first == 3, 1.0, -1.0)
+    assert reward.pairwise_loss(FirstToken(1), batch) < math.log(2) < reward.pairwise_loss(FirstToken(-1), batch)
 
 
 @pytest.mark.slow

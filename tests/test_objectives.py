@@ -118,6 +118,19 @@ def test_token_logprobs_are_float32_for_a_bfloat16_model(tiny_gpt):
     torch.testing.assert_close(out[targets != -100], expected[targets != -100])
 
 
+@pytest.mark.objective("model.token_logprobs")
+def test_token_logprobs_count_a_target_of_token_id_0(tiny_gpt):
+    """Token 0 is a real token (the end of text, here): only -100 is off the response, so a mask of
+    targets > 0 would drop these entries."""
+    gpt = tiny_gpt()
+    idx = torch.tensor([[5, 0, 3, 0, 2]])
+    targets = torch.tensor([[-100, 3, 0, 0, -100]])
+    out = model_module.token_logprobs(gpt, idx, targets)
+    logp = torch.log_softmax(gpt(idx)[0].float(), -1)
+    torch.testing.assert_close(out[0, 1:4], torch.stack([logp[0, 1, 3], logp[0, 2, 0], logp[0, 3, 0]]))
+    assert out[0, 0] == 0 and out[0, 4] == 0 and (out[0, 2:4] < -0.1).all()
+
+
 # ----------------------------------------------------------------------------------------
 # 2. afd.sft_loss
 
@@ -177,6 +190,19 @@ def test_discriminator_loss_gradient_vanishes_at_the_log_density_ratio():
     r0 = torch.zeros(4, requires_grad=True)
     afd.discriminator_loss(r0[pos], r0[neg]).backward()
     assert r0.grad.abs().max() > 0.1  # and the check is not vacuous
+
+
+@pytest.mark.objective("afd.discriminator_loss")
+def test_discriminator_loss_is_finite_with_exact_gradients_at_extreme_logits():
+    """Logits of +-200: -log sigma(-200) = 200 and -log sigma(200) = 0 in float32 only in the stable
+    form (log(sigmoid(r)) and log(1 - sigmoid(r)) give inf there, and NaN gradients)."""
+    r_pos = torch.tensor([-200.0, 200.0], requires_grad=True)
+    r_neg = torch.tensor([200.0, -200.0], requires_grad=True)
+    loss = afd.discriminator_loss(r_pos, r_neg)
+    assert loss.item() == pytest.approx(200.0)  # (200 + 0) / 2 + (200 + 0) / 2
+    loss.backward()  # d/dr_pos -(1 - sigma(r)) / 2, d/dr_neg sigma(r) / 2
+    torch.testing.assert_close(r_pos.grad, torch.tensor([-0.5, 0.0]))
+    torch.testing.assert_close(r_neg.grad, torch.tensor([0.5, 0.0]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -255,6 +281,35 @@ def test_policy_gradient_loss_gradient_is_zero_when_all_rewards_are_equal(monkey
     assert (logits.grad == 0).all()
 
 
+@pytest.mark.objective("afd.policy_gradient_loss")
+def test_policy_gradient_loss_groups_rows_prompt_major_with_three_prompts_of_two_samples(monkeypatch):
+    """P = 3 prompts, K = 2 samples each, rows prompt-major (rows 0-1 answer prompt 0): the baseline of
+    a row is the other sample of its own prompt. Grouping sample-major (rows 0, 3 / 1, 4 / 2, 5) or
+    into K groups of P gives other values, checked to differ."""
+    monkeypatch.setattr(afd, "rloo_advantages", reference_rloo_advantages)
+    logp = torch.tensor([[-1.0], [-2.0], [-0.5], [-3.0], [-1.5], [-0.25]], dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(6, 1, dtype=torch.bool)
+    rewards = torch.tensor([1.0, 4.0, -2.0, 0.0, 3.0, 5.0], dtype=torch.float64)
+    loss, _ = afd.policy_gradient_loss(logp, logp.detach(), mask, rewards, group_size=2, beta_kl=0.0)
+
+    def by_groups(groups):  # -mean_i A_i logp_i, A_i = r_i - the mean of the others of i's group
+        total = 0.0
+        for group in groups:
+            for i in group:
+                total += -(rewards[i] - sum(rewards[j] for j in group if j != i) / (len(group) - 1)) * logp[i, 0].item()
+        return float(total) / 6
+    assert loss.item() == pytest.approx(by_groups([[0, 1], [2, 3], [4, 5]]), abs=1e-12)
+    for wrong in ([[0, 3], [1, 4], [2, 5]], [[0, 2, 4], [1, 3, 5]], [[0, 1, 2], [3, 4, 5]]):
+        assert abs(by_groups(wrong) - loss.item()) > 0.1
+    # the gradient with a KL term: REINFORCE's, -A_i / 6 with A from r~ = r - 0.3 kl a constant (the
+    # KL term carries no gradient of its own)
+    logp_ref = torch.tensor([[-1.5], [-1.0], [-0.5], [-2.0], [-1.0], [-1.0]], dtype=torch.float64)
+    afd.policy_gradient_loss(logp, logp_ref, mask, rewards, 2, 0.3)[0].backward()
+    shaped = (rewards - 0.3 * (logp.detach() - logp_ref)[:, 0]).view(3, 2)
+    advantages = (shaped - shaped.flip(1)).view(6, 1)  # K = 2: r~_i - r~_other
+    torch.testing.assert_close(logp.grad, -advantages / 6)
+
+
 # ----------------------------------------------------------------------------------------
 # 6. reward.bradley_terry_loss, reward.LogRatioReward.forward
 
@@ -267,6 +322,18 @@ def test_bradley_terry_loss_by_hand():
     assert loss.item() == pytest.approx(math.log(8 / 3) / 2, abs=1e-6)
     loss.backward()  # d/dr+ = -(1 - sigma(margin)) / 2 = -1/8, -1/4: a step raises the chosen ones
     torch.testing.assert_close(chosen.grad, torch.tensor([-0.125, -0.25]))
+
+
+@pytest.mark.objective("reward.bradley_terry_loss")
+def test_bradley_terry_loss_is_stable_at_extreme_margins():
+    """Margins of -200 and +200: losses 200 and 0, finite gradients -1/2 and 0 (log(sigmoid(.)) gives inf)."""
+    chosen = torch.tensor([-100.0, 100.0], requires_grad=True)
+    rejected = torch.tensor([100.0, -100.0], requires_grad=True)
+    loss = reward.bradley_terry_loss(chosen, rejected)
+    assert loss.item() == pytest.approx(100.0)
+    loss.backward()
+    torch.testing.assert_close(chosen.grad, torch.tensor([-0.5, 0.0]))
+    torch.testing.assert_close(rejected.grad, torch.tensor([0.5, 0.0]))
 
 
 @pytest.mark.objective("reward.LogRatioReward.forward")
@@ -299,6 +366,21 @@ def test_irft_loss_matches_the_hand_computed_value_and_is_log2_at_the_reference(
     assert same.item() == pytest.approx(math.log(2), abs=1e-7)
 
 
+@pytest.mark.objective("afd.irft_loss")
+def test_irft_loss_gradient_raises_the_demonstration_and_lowers_the_sample():
+    """The loss trains the policy's log-probs (gradcheck in float64; a loss built from detached values
+    or .item() has none), in the right direction: down on the demonstration's log-prob, up on the
+    sample's; the reference's log-probs are constants to the caller but enter with opposite signs.
+    Stable at a margin of -400 (beta 0.5): a loss of 200, not inf."""
+    args = [torch.tensor([-3.0, -5.0, -1.0], dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda *a: afd.irft_loss(*a, 0.7), args)
+    logp_demo, logp_ref_demo, logp_sample, logp_ref_sample = (a.detach().clone().requires_grad_() for a in args)
+    afd.irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, 0.7).backward()
+    assert (logp_demo.grad < 0).all() and (logp_sample.grad > 0).all()  # a step raises log pi(y^E), lowers log pi(y~)
+    extreme = afd.irft_loss(torch.tensor([-400.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.5)
+    assert extreme.item() == pytest.approx(200.0)
+
+
 # ----------------------------------------------------------------------------------------
 # 9. afd.order_statistic_weights, afd.best_of_n_estimate, afd.kl_bound
 
@@ -325,7 +407,7 @@ def test_order_statistic_weights_count_the_best_of_every_n_subset():
                                dtype=torch.float64)
         w = afd.order_statistic_weights(N, n)
         assert w.dtype == torch.float64 and w.shape == (N,)
-        torch.testing.assert_close(w, counted)
+        torch.testing.assert_close(w, counted, rtol=0, atol=1e-15)  # float32 arithmetic is ~1e-8 off
 
 
 def brute_force_best_of_n(scores, values, n):
@@ -419,6 +501,35 @@ def test_td_differences_by_hand():
     torch.testing.assert_close(td[1, 1:], torch.tensor([6.0 - 6.3, 7.0 - 7.2, 8.0]))
     # row 2: 2 - 2.7, 3 - 3.6, 4 - 4.5, 5 - 0 (no wrap-around to the first column's Q = 2)
     torch.testing.assert_close(td[2], torch.tensor([2.0 - 2.7, 3.0 - 3.6, 4.0 - 4.5, 5.0]))
+
+
+@pytest.mark.objective("reward.gaussian_kl_to_prior")
+def test_gaussian_kl_to_prior_gradient_in_float64():
+    mu = torch.tensor([0.5, -1.5, 0.0], dtype=torch.float64, requires_grad=True)
+    log_sigma = torch.tensor([0.3, -0.7, 1.2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(reward.gaussian_kl_to_prior, (mu, log_sigma))
+    reward.gaussian_kl_to_prior(mu, log_sigma).sum().backward()  # d/dmu = mu, d/dlog sigma = sigma^2 - 1
+    torch.testing.assert_close(mu.grad, mu.detach())
+    torch.testing.assert_close(log_sigma.grad, (2 * log_sigma.detach()).exp() - 1)
+
+
+@pytest.mark.objective("reward.gaussian_logpdf")
+def test_gaussian_logpdf_gradient_in_float64():
+    x = torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    mu = torch.tensor([0.0, 0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    log_sigma = torch.tensor([0.0, -0.5, 0.8], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(reward.gaussian_logpdf, (x, mu, log_sigma))
+
+
+@pytest.mark.objective("reward.td_differences")
+def test_td_differences_carry_the_gradient_of_both_q_terms():
+    """AVRIL trains through Q(s_t, .) and Q(s_{t+1}, .) alike: no DQN-style detached target. In float64
+    against finite differences; d td_t / d q_{t+1} = -gamma on the mask."""
+    q = torch.tensor([[1.0, 2.0, 3.0, 5.0], [4.0, 6.0, 7.0, 8.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    assert torch.autograd.gradcheck(lambda x: reward.td_differences(x, mask, 0.9), (q,))
+    reward.td_differences(q, mask, 0.9)[0, 0].backward()
+    torch.testing.assert_close(q.grad[0], torch.tensor([1.0, -0.9, 0.0, 0.0], dtype=torch.float64))
 
 
 def reference_reward_weights(attention, rows):
@@ -550,6 +661,13 @@ def test_kl_estimate_by_hand():
     # log pi - log pi_ref = 1, 0, 2: mean 1, sample std sqrt((0 + 1 + 1) / 2) = 1, stderr 1 / sqrt(3)
     mean, se = afd.kl_estimate(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -2.0, -5.0]))
     assert (mean, se) == (pytest.approx(1.0), pytest.approx(1 / math.sqrt(3)))
+
+
+@pytest.mark.objective("afd.kl_estimate")
+def test_kl_estimate_keeps_the_sign_of_each_log_ratio():
+    # log pi - log pi_ref = -1, 2, -4: mean -1 (absolute values: 7/3), sample std sqrt((0 + 9 + 9) / 2) = 3
+    mean, se = afd.kl_estimate(torch.tensor([-3.0, -1.0, -6.0]), torch.tensor([-2.0, -3.0, -2.0]))
+    assert (mean, se) == (pytest.approx(-1.0), pytest.approx(3 / math.sqrt(3)))
 
 
 @pytest.mark.objective("afd.kl_estimate")

@@ -22,8 +22,8 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
     names = [p["name"] for p in results["policies"]]
     assert names == ["init", "sft", "demonstrations", "afd_adversarial", "irl_iterated", "irft", "rl_init_sft",
                      "rl_ava_d", "ava_d_direct"]
-    for p in results["policies"][3:]:  # the trained policies: a Monte-Carlo KL to pi_sft
-        assert math.isfinite(p["kl_to_sft"]) and p["kl_to_sft_stderr"] >= 0
+    for p in results["policies"][3:]:  # the trained policies: a Monte-Carlo KL to pi_sft, not below 0 by 3 SE
+        assert p["kl_to_sft_stderr"] > 0 and p["kl_to_sft"] > -3 * p["kl_to_sft_stderr"]
     for name in ["policy_afd_adversarial", "policy_irl_iterated_round0", "policy_irl_iterated_round1",
                  "policy_irft_stage0", "policy_irft_stage1", "policy_rl_init_sft", "policy_rl_ava_d",
                  "policy_ava_d_direct"]:
@@ -33,15 +33,18 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
         assert ("reward" in curve[0]) == ("irft" not in name and "ava_d_direct" not in name)
     for k in (0, 1):  # iterated IRL's reward model, one run per round
         assert all((out / f"rm_irl_iterated_round{k}{ext}").exists() for ext in (".pt", ".curve.jsonl"))
-    for p in results["policies"]:
-        assert math.isfinite(p["golden_reward"]) and p["golden_reward_stderr"] >= 0
-        assert 0 <= p["win_rate_vs_sft"] <= 1
-    assert results["policies"][2]["golden_reward"] == 2.5  # the demonstrator is always right
+    for p in results["policies"]:  # sampled responses vary; the demonstrator's do not
+        assert math.isfinite(p["golden_reward"]) and (p["golden_reward_stderr"] > 0) == (p["name"] != "demonstrations")
+    win = {p["name"]: p["win_rate_vs_sft"] for p in results["policies"]}
+    assert win["sft"] == 0.5  # every response ties with itself
+    assert results["policies"][2]["golden_reward"] == 2.5 and win["demonstrations"] > 0.9  # the demonstrator is right
     assert not (out / "run.lock").exists()  # one run per out dir: the lock goes with the run
     assert results["golden_reward"]["kind"] == "program"
     assert [r["name"] for r in results["reward_models"]] == ["init_sft", "init_demo", "sft_demo", "pref", "logratio",
                                                              "ava_d", "ava_p"]
-    assert all(0 <= r["heldout_accuracy"] <= 1 for r in results["reward_models"])
+    accuracy = {r["name"]: r for r in results["reward_models"]}  # above chance where smoke trains enough (0.75-0.9 here)
+    assert all(accuracy[name]["heldout_accuracy"] >= 0.6 for name in ("init_sft", "init_demo", "sft_demo"))
+    assert accuracy["logratio"]["acc_demo_vs_sft"] >= 0.6
     bon = results["best_of_n"]
     selectors = names_of(results) + ["oracle", "majority"]
     assert {(b["rm"], b["n"]) for b in bon} == {(rm, n) for rm in selectors for n in (1, 2, 4, 8)}
@@ -82,7 +85,7 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
     assert "[pi_sft] trained 15 steps: loss" in proc.stdout
     # where the time went: every stage, each reward model and method, each scorer of the candidates
     times = results["stage_times"]
-    assert list(times)[:4] == ["task", "pretrain", "sft", "sample"] and all(t >= 0 for t in times.values())
+    assert list(times)[:4] == ["task", "pretrain", "sft", "sample"]
     assert {"rm/pref", "rm/ava_p", "policy/irft", "policy/rl_ava_d", "evaluate/score logratio",
             "evaluate/sample candidates"} <= set(times)
     assert sum(times[k] for k in times if "/" not in k) <= results["wall_time_s"]

@@ -8,6 +8,9 @@ on the source text with ast, never imports the project, and needs only the stand
     python tools/course.py student-copy OUT_DIR --remove afd.sft_loss,reward.gaussian_logpdf
     python tools/course.py check [NAME ...]          for each objective (all by default): remove it alone,
                                                      run the fast suite, and check that exactly its tests fail
+    python tools/course.py mistakes [NAME ...]       for each objective, each plausible wrong version of it
+                                                     (MISTAKES: a sum for a mean, a flipped sign, a missing
+                                                     mask, a detached term, ...) alone: do its tests catch it?
 
 A removed objective keeps its decorators, signature and docstring; its body becomes one line that
 raises NotImplementedError with a message naming the objective, its METHOD.md section and the
@@ -54,6 +57,115 @@ OBJECTIVES = {
     "reward.contrastive_expected_return": 10,
     "reward.ava_token_objective": 10,
     "afd.kl_estimate": 11,
+}
+# Plausible wrong versions of each objective, for `mistakes`: (what, the text in the objective's body,
+# what a student might write instead). Each is applied alone; the objective's tests must catch it.
+MISTAKES = {
+    "model.token_logprobs": [
+        ("a mask of targets > 0 (token id 0 dropped)", "mask = targets != -100", "mask = targets > 0"),
+        ("log-probs in the model's dtype, not float32", "F.log_softmax(logits.float(), dim=-1)",
+         "F.log_softmax(logits, dim=-1)"),
+        ("probabilities for log-probabilities", "F.log_softmax(", "F.softmax("),
+        ("padding and prompt not zeroed", "return out.masked_fill(~mask, 0.0)", "return out"),
+    ],
+    "afd.sft_loss": [
+        ("a sum for the mean", "-masked_mean(token_logprobs(model, idx, targets), targets != -100)",
+         "-token_logprobs(model, idx, targets).sum()"),
+        ("a mean over every position", "-masked_mean(token_logprobs(model, idx, targets), targets != -100)",
+         "-token_logprobs(model, idx, targets).mean()"),
+        ("a flipped sign", "return -masked_mean(", "return masked_mean("),
+    ],
+    "afd.discriminator_loss": [
+        ("one mean over both classes", "-F.logsigmoid(r_pos).mean() - F.logsigmoid(-r_neg).mean()",
+         "-torch.cat([F.logsigmoid(r_pos), F.logsigmoid(-r_neg)]).mean()"),
+        ("the classes swapped", "-F.logsigmoid(r_pos).mean() - F.logsigmoid(-r_neg).mean()",
+         "-F.logsigmoid(-r_pos).mean() - F.logsigmoid(r_neg).mean()"),
+        ("the unstable log(sigmoid) form", "-F.logsigmoid(r_pos).mean() - F.logsigmoid(-r_neg).mean()",
+         "-torch.log(torch.sigmoid(r_pos)).mean() - torch.log(1 - torch.sigmoid(r_neg)).mean()"),
+    ],
+    "afd.rloo_advantages": [
+        ("a baseline that includes the sample itself", "return K / (K - 1) * (", "return ("),
+        ("the batch's mean for the group's", "centred.mean(dim=1, keepdim=True)", "centred.mean()"),
+    ],
+    "afd.policy_gradient_loss": [
+        ("rewards grouped sample-major", "rloo_advantages((rewards - beta_kl * kl).view(-1, group_size)).view(-1)",
+         "rloo_advantages((rewards - beta_kl * kl).view(group_size, -1).t()).t().reshape(-1)"),
+        ("the KL penalty added", "(rewards - beta_kl * kl)", "(rewards + beta_kl * kl)"),
+        ("the KL not detached", "kl = ((logp.detach() - logp_ref) * mask)", "kl = ((logp - logp_ref) * mask)"),
+        ("padding in the sequence log-prob", "(logp * mask).sum(dim=1)", "logp.sum(dim=1)"),
+    ],
+    "reward.bradley_terry_loss": [
+        ("chosen and rejected swapped", "F.logsigmoid(r_chosen - r_rejected)", "F.logsigmoid(r_rejected - r_chosen)"),
+        ("a sum for the mean", ".mean()", ".sum()"),
+        ("the unstable log(sigmoid) form", "-F.logsigmoid(r_chosen - r_rejected)",
+         "-torch.log(torch.sigmoid(r_chosen - r_rejected))"),
+    ],
+    "reward.LogRatioReward.forward": [
+        ("the ratio the wrong way round",
+         "sequence_logprob(self.pi_sft, idx, targets) - sequence_logprob(self.pi_init, idx, targets)",
+         "sequence_logprob(self.pi_init, idx, targets) - sequence_logprob(self.pi_sft, idx, targets)"),
+        ("a mean over tokens for the sum",
+         "return sequence_logprob(self.pi_sft, idx, targets) - sequence_logprob(self.pi_init, idx, targets)",
+         "return (sequence_logprob(self.pi_sft, idx, targets) - sequence_logprob(self.pi_init, idx, targets))"
+         " / (targets != -100).sum(dim=1)"),
+    ],
+    "afd.irft_loss": [
+        ("no beta", "F.logsigmoid(beta * margin)", "F.logsigmoid(margin)"),
+        ("the reference added, not subtracted", "(logp_demo - logp_ref_demo) - (logp_sample - logp_ref_sample)",
+         "(logp_demo + logp_ref_demo) - (logp_sample + logp_ref_sample)"),
+        ("the demonstration and the sample swapped", "(logp_demo - logp_ref_demo) - (logp_sample - logp_ref_sample)",
+         "(logp_sample - logp_ref_sample) - (logp_demo - logp_ref_demo)"),
+        ("built without a graph", "F.logsigmoid(beta * margin)", "F.logsigmoid(beta * margin.detach())"),
+    ],
+    "afd.order_statistic_weights": [
+        ("C(i, n-1) for C(i-1, n-1)", "math.comb(i - 1, n - 1)", "math.comb(i, n - 1)"),
+        ("float32", "dtype=torch.float64)", "dtype=torch.float32)"),
+        ("float32 arithmetic, cast to float64", "dtype=torch.float64)", "dtype=torch.float32).double()"),
+    ],
+    "afd.best_of_n_estimate": [
+        ("an unstable sort", "torch.sort(rm_scores, dim=1, stable=True)", "torch.sort(rm_scores, dim=1)"),
+        ("sorted descending", "stable=True)", "stable=True, descending=True)"),
+        ("sorted by the values, not the scores", "torch.sort(rm_scores,", "torch.sort(values,"),
+    ],
+    "afd.kl_bound": [
+        ("log n as the bound", "return math.log(n) - (n - 1) / n", "return math.log(n)"),
+        ("(n - 1) for (n - 1) / n", "- (n - 1) / n", "- (n - 1)"),
+    ],
+    "reward.gaussian_kl_to_prior": [
+        ("sigma for sigma^2", "torch.exp(2 * log_sigma)", "torch.exp(log_sigma)"),
+        ("without the -1", "torch.exp(2 * log_sigma) - 1)", "torch.exp(2 * log_sigma))"),
+    ],
+    "reward.gaussian_logpdf": [
+        ("the normaliser's log sigma forgotten", "- log_sigma - 0.5", "- 0.5"),
+        ("the variance for the standard deviation", "torch.exp(-log_sigma)", "torch.exp(-2 * log_sigma)"),
+    ],
+    "reward.td_differences": [
+        ("a detached next Q (DQN's target)", "q_taken[:, 1:] * mask", "q_taken[:, 1:].detach() * mask"),
+        ("the padding's Q leaks in", "q_taken[:, 1:] * mask[:, 1:]", "q_taken[:, 1:]"),
+        ("the last Q wraps around to the first",
+         "F.pad(q_taken[:, 1:] * mask[:, 1:], (0, 1))", "torch.roll(q_taken, -1, dims=1) * torch.roll(mask, -1, dims=1)"),
+    ],
+    "reward.reward_weights": [
+        ("padding queries counted", "(attention * rows[:, :, None]).sum(dim=1)", "attention.sum(dim=1)"),
+        ("divided by T, not the row's length", "rows.sum(dim=1, keepdim=True).clamp(min=1)", "rows.shape[1]"),
+        ("the attention a position pays, not receives", "(attention * rows[:, :, None]).sum(dim=1)",
+         "(attention * rows[:, :, None]).sum(dim=2)"),
+    ],
+    "reward.contrastive_expected_return": [
+        ("log sigma (Bradley-Terry) for sigma", "torch.sigmoid(r_chosen - r_rejected)",
+         "F.logsigmoid(r_chosen - r_rejected)"),
+        ("chosen and rejected swapped", "torch.sigmoid(r_chosen - r_rejected)", "torch.sigmoid(r_rejected - r_chosen)"),
+    ],
+    "reward.ava_token_objective": [
+        ("the likelihood not scaled by beta", "(beta * q_taken)", "q_taken"),
+        ("lambda dropped", "lam * gaussian_logpdf", "gaussian_logpdf"),
+        ("the prior's KL added", "-gaussian_kl_to_prior(", "gaussian_kl_to_prior("),
+        ("the TD of the unweighted Q", "td_differences(q_weighted,", "td_differences(q_taken,"),
+    ],
+    "afd.kl_estimate": [
+        ("absolute log-ratios", "(logp_pi - logp_ref).detach()", "(logp_pi - logp_ref).abs().detach()"),
+        ("the ratio reversed", "(logp_pi - logp_ref).detach()", "(logp_ref - logp_pi).detach()"),
+    ],
 }
 FAST_SUITE = ["-m", "pytest", "-m", "not slow", "-q", "-p", "no:cacheprovider"]
 NOT_COPIED = [".git", ".venv*", "__pycache__", ".pytest_cache", "out*", "*.pt"]  # without git: names left out
@@ -276,6 +388,48 @@ def check(root, names):
     return all_ok
 
 
+def with_mistake(text, name, old, new):
+    """A module's source with `old` replaced by `new` in the body of objective `name`, where it must
+    occur exactly once; None if it does not (the catalogue is out of date)."""
+    fn = find_def(ast.parse(text), name)
+    if fn is None:
+        return None
+    lines = source_lines(text)
+    first, last = body_range(fn)
+    body = "".join(lines[first - 1:last])
+    if body.count(old) != 1:
+        return None
+    mutated = "".join(lines[:first - 1]) + body.replace(old, new) + "".join(lines[last:])
+    compile(mutated, "<mistake>", "exec")
+    return mutated
+
+
+def mistakes(root, names):
+    """Each catalogued mistake (MISTAKES) of each objective applied alone in a scratch copy, and the
+    objective's tests run on it: one line each, caught or MISSED. Returns whether all were caught."""
+    tests, all_caught = objective_tests(root), True
+    with tempfile.TemporaryDirectory(prefix="course-mistakes-") as tmp:
+        make_copy(root, tmp, [])
+        for name in names:
+            path = Path(tmp) / (name.split(".")[0] + ".py")
+            original = path.read_text(encoding="utf-8")
+            for what, old, new in MISTAKES.get(name, []):
+                mutated = with_mistake(original, name, old, new)
+                if mutated is None:
+                    print(f"{name:32s} {what:48s} NOT APPLIED: {old!r} is not once in its body", flush=True)
+                    all_caught = False
+                    continue
+                path.write_text(mutated, encoding="utf-8")
+                proc = subprocess.run([sys.executable, *FAST_SUITE, "-x", *tests[name]], cwd=tmp, capture_output=True,
+                                      text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                path.write_text(original, encoding="utf-8")
+                caught = proc.returncode == 1  # a test failed (not: no test ran, or pytest broke)
+                all_caught &= caught
+                print(f"{name:32s} {what:48s} {'caught' if caught else 'MISSED (rc ' + str(proc.returncode) + ')'}",
+                      flush=True)
+    return all_caught
+
+
 # ----------------------------------------------------------------------------------------
 # Command line
 
@@ -305,6 +459,10 @@ def cmd_check(args):
     sys.exit(0 if check(ROOT, resolve(args.names) if args.names else list(OBJECTIVES)) else 1)
 
 
+def cmd_mistakes(args):
+    sys.exit(0 if mistakes(ROOT, resolve(args.names) if args.names else list(OBJECTIVES)) else 1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Course mode: the instructor's tool.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -318,6 +476,9 @@ def main(argv=None):
     chk = commands.add_parser("check", help="each objective removed alone: exactly its own tests fail")
     chk.add_argument("names", nargs="*", help="objectives to check (default: all)")
     chk.set_defaults(run=cmd_check)
+    mis = commands.add_parser("mistakes", help="each catalogued wrong version of an objective: do its tests catch it?")
+    mis.add_argument("names", nargs="*", help="objectives to try (default: all)")
+    mis.set_defaults(run=cmd_mistakes)
     args = parser.parse_args(argv)
     args.run(args)
 
