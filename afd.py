@@ -47,7 +47,6 @@ from training import Checkpoint, check_finite, stable_seed
 # ----------------------------------------------------------------------------------------
 # 1. What every training loop shares
 
-
 def lr_at(step, steps, lr, cfg):
     """The learning rate at a step: a linear warm-up over cfg.warmup_steps, times a cosine decay
     from lr to lr / 10 over the run (nanoGPT's schedule, with a floor at a tenth)."""
@@ -71,7 +70,6 @@ def optimizer_step(model, opt, loss, lr, grad_clip):
 
 # ----------------------------------------------------------------------------------------
 # 2. Forward KL: SFT
-
 
 def sft_loss(model, idx, targets):
     """Forward KL to the demonstrator = SFT (METHOD.md section 2, mass-covering):
@@ -99,7 +97,6 @@ def sft(pi_init, batches, stage, cfg):
 # ----------------------------------------------------------------------------------------
 # 3. Reverse KL: the discriminator
 
-
 def discriminator_loss(r_pos, r_neg):
     """The discriminator's loss on logits r = logit D(x, y) (METHOD.md section 3); the
     tailored reward models init_sft, init_demo and sft_demo are trained with it too:
@@ -113,7 +110,6 @@ def discriminator_loss(r_pos, r_neg):
 
 # ----------------------------------------------------------------------------------------
 # 4. The policy gradient: one sampling step, then the RLOO loss on its tensors
-
 
 def sample_batch(policy, prompts, group_size, max_new_tokens, eos_id, generator, temperature=1.0, shared=False):
     """One sampling step (METHOD.md section 4): y_i ~ pi(.|x), group_size of them per prompt.
@@ -176,7 +172,6 @@ def rloo_loss(policy, ref, samples, rewards, group_size, beta_kl):
 # ----------------------------------------------------------------------------------------
 # 5. The adversarial method: reverse KL to the demonstrator
 
-
 def discriminator_step(disc, disc_opt, demos, samples, cfg):
     """One step of the discriminator D (METHOD.md section 5): discriminator_loss with the
     demonstrations as positives (label 1) and the policy's samples as negatives (label 0), at the
@@ -222,7 +217,6 @@ def afd_adversarial(pi_init, pi_sft, batches, stage, cfg):
 # ----------------------------------------------------------------------------------------
 # 6. The reward models, and RL on a fixed reward
 
-
 TAILORED = {"init_sft": ("sft", "init"), "init_demo": ("demo", "init"), "sft_demo": ("demo", "sft")}
 """Each tailored reward model's classes: name -> (positives, negatives), all on the same prompts."""
 
@@ -232,7 +226,7 @@ def tailored_triples(name, prompts, demonstrations, init_samples, sft_samples):
     negative) triple per sample, both classes on the same prompt x, as AfD defines them. prompts
     (P,) with their demonstrations (P,); init_samples, sft_samples (P * k,), k samples of each
     prompt, prompt-major. A batch of B triples is B positives, then B negatives
-    (train.triples_batch), the order afd.discriminator_loss takes them in."""
+    (training.Batches.triples), the order afd.discriminator_loss takes them in."""
     k = len(init_samples) // len(prompts)
     responses = {"demo": [y for y in demonstrations for _ in range(k)], "init": init_samples, "sft": sft_samples}
     positives, negatives = TAILORED[name]
@@ -313,7 +307,6 @@ def rl_on_reward(name, pi_sft, reward_model, batches, stage, cfg):
 # ----------------------------------------------------------------------------------------
 # 7. Iterated IRL with an explicit reward
 
-
 def irl_round(k, pi_sft, policy, triples, batches, stage, cfg):
     """Round k of iterated IRL (METHOD.md section 7; arXiv 2503.13538 and its released code),
     from pi_k = policy (trained in place); returns P_k:
@@ -358,7 +351,6 @@ def irl_iterated(pi_sft, batches, stage, cfg):
 
 # ----------------------------------------------------------------------------------------
 # 8. IRFT: the implicit reward
-
 
 def irft_loss(logp_demo, logp_ref_demo, logp_sample, logp_ref_sample, beta):
     """IRFT (METHOD.md section 8; SPIN is one stage): the implicit reward beta*log(pi/pi_t) in a
@@ -410,7 +402,6 @@ def irft(pi_sft, batches, stage, cfg):
 
 # ----------------------------------------------------------------------------------------
 # 9. Best-of-N
-
 
 def best_of_n(scores):
     """Best-of-N selection: scores (P, N) reward of N candidates per prompt -> (P,) argmax."""
@@ -477,7 +468,6 @@ def best_of_n_evaluation(scores, golden, text_ids, values, sizes, seed):
 # ----------------------------------------------------------------------------------------
 # 10. AVA's direct optimisation
 
-
 def ava_d_direct(pi_sft, batches, stage, cfg):
     """AVA-d's direct optimisation (arXiv 2411.09341, "AVA pipelines"; METHOD.md section 10): the
     policy is the Boltzmann policy of AVA's Q model, whose Q head is the policy's own LM head,
@@ -498,7 +488,6 @@ def ava_d_direct(pi_sft, batches, stage, cfg):
 
 # ----------------------------------------------------------------------------------------
 # 11. Evaluation
-
 
 def win_rate_indicator(golden, golden_ref):
     """1 if the response beats the reference response of its prompt, 1/2 on a tie, else 0."""

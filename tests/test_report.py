@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-import report
-import parallel
-import cli
 import checkpoint
+import cli
+import parallel
+import report
 
 SFT = {"name": "sft", "golden_reward": 1.0, "golden_reward_stderr": 0.3}
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import reward
 import parallel
+import reward
 from data import make_batch
 from model import SharedPrompts, scoring_batches, shared_prompt_batch
 
