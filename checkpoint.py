@@ -40,6 +40,10 @@ def atomic_write(path, write):
     beside path, which then replaces path in one rename, so path is always whole or absent. The
     temporary name is this call's own (two processes writing one path never share it) and is
     removed whatever happens; a failed write raises WriteError naming path."""
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+        kind = "link" if os.path.islink(path) else "folder" if os.path.isdir(path) else "special file"
+        raise WriteError(f"cannot write {path}: it is a {kind}, not a file the project wrote; move it away (or "
+                         f"pick another --out_dir)")
     tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         write(tmp)
@@ -47,7 +51,8 @@ def atomic_write(path, write):
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         if isinstance(e, WriteError) or not is_write_failure(e):
             raise  # not the disk's fault (a network error while downloading, a bug): as it is
-        raise WriteError(f"cannot write {path}: {why_not_written(e, path)}") from None
+        raise WriteError(f"cannot write {path}: {why_not_written(e, path)}; free some space (or pick a writable "
+                         f"--out_dir)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -159,7 +164,7 @@ def changes(saved, current):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: written atomically by rank 0 (model.atomic_write), loaded with
+# Checkpoints: written atomically by rank 0 (atomic_write), loaded with
 # weights_only=True, each holding the stage config it was made with.
 
 def save_atomic(obj, path):
@@ -269,12 +274,18 @@ def timed(name):
 # One run per out dir
 
 def check_out_dir(cfg):
+    """--out_dir exists and is writable, and the files a run writes there are files, or stop with one line."""
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
         die(f"cannot create --out_dir={cfg.out_dir!r}: {e.strerror}; pick a writable folder")
     if not os.access(cfg.out_dir, os.W_OK):
         die(f"--out_dir={cfg.out_dir!r} is not writable; pick a writable folder")
+    for name in ("results.json", "report.md", "golden_vs_kl.png", "samples.pt"):  # before any work
+        path = os.path.join(cfg.out_dir, name)
+        if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+            die(f"{path} is a {'link' if os.path.islink(path) else 'folder or special file'}, not a file the project "
+                f"wrote; move it away (or pick another --out_dir)")
 
 
 @contextmanager

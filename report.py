@@ -5,6 +5,7 @@ matplotlib). train.py calls write_report when a run ends, and again on every rer
 results.json alone, so an edit here redraws the report without redoing any stage); nothing
 here changes a number.
 """
+import hashlib
 import json
 import math
 import os
@@ -266,6 +267,29 @@ def plot_golden_vs_kl(results, path):
     return True
 
 
+def results_digest(results):
+    """The sha256 of a run's results less this digest, as JSON with sorted keys: results.json carries it,
+    so that a file edited or damaged after the run wrote it is known (read_results)."""
+    body = {k: v for k, v in results.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_results(path):
+    """(results, None) from a results.json the project wrote, or (None, why not) for a file that is not
+    one: absent, not a file, not JSON, or not what the run wrote (its digest does not match)."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, "it does not exist"
+    except IsADirectoryError:
+        return None, "it is a folder"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"it is not a results file ({type(e).__name__})"
+    if not isinstance(results, dict) or results.get("digest") != results_digest(results):
+        return None, "it is not what the run wrote (edited or damaged since)"
+    return results, None
+
+
 def write_report(results, out_dir):
     """report.md (and golden_vs_kl.png) in out_dir, from a run's results.json alone."""
     report = [f"# Results: preset `{results['preset']}`, seed {results['seed']}", "",
@@ -391,6 +415,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     runs = {}
     for out_dir in args.seeds:
-        results = json.loads(Path(out_dir, "results.json").read_text())
+        results, problem = read_results(Path(out_dir, "results.json"))
+        if problem:
+            parser.exit(2, f"error: {Path(out_dir, 'results.json')}: {problem}; rerun its `python train.py` command\n")
         runs[results["seed"]] = results
     print(seed_tables(runs))

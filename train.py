@@ -44,7 +44,7 @@ from checkpoint import (STAGE_CODE, STAGE_LINES, STAGE_TIMES, WriteError, change
 from cli import BON_SIZES, check_memory, die, methods_of, model_config, parse_args
 from model import GPT, configure_optimizer, frozen_copy, num_params
 from parallel import autocast, is_main, log, progress, sample, score, score_kinds
-from report import markdown_tables, write_report, write_text
+from report import markdown_tables, read_results, results_digest, write_report, write_text
 from reward import RM_NAMES, ExpectedReturn, LogRatioReward, RewardModel, heldout_accuracies, pairwise_accuracy, \
     pairwise_loss
 from training import Batches, Checkpoint, Stage
@@ -378,14 +378,13 @@ def stage_evaluate(cfg, task, vocab, splits, pi_init, pi_sft, reward_models, tra
 # The run
 
 def saved_results(cfg):
-    """results.json of an earlier run with the same config and code, or None."""
+    """results.json of an earlier run with the same config and code, or None. A file that is not what
+    a run wrote (report.read_results) is redone from the checkpoints, with one line saying so."""
     path = os.path.join(cfg.out_dir, "results.json")
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(results, dict):
+    results, problem = read_results(path)
+    if problem:
+        if os.path.lexists(path):
+            log(f"[evaluate] {path}: {problem}; redoing the evaluation")
         return None
     if results.get("stage_config") != (current := stage_config(cfg, "evaluate")):
         log(f"[evaluate] {changes(results.get('stage_config', {}), current)} since {path}: redoing it")
@@ -429,6 +428,7 @@ def run_pipeline(cfg, host_fix=None):
                "policies": policies, "reward_models": rm_rows, "best_of_n": bon_rows, "ava_token_rewards": tokens,
                "examples": examples, "stages": STAGE_LINES, "wall_time_s": time.time() - t0,
                "stage_times": STAGE_TIMES, "stage_config": stage_config(cfg, "evaluate")}
+    results["digest"] = results_digest(results)  # a later edit of results.json is then known
     if is_main():
         write_text(json.dumps(results, indent=2), os.path.join(cfg.out_dir, "results.json"))
         write_report(results, cfg.out_dir)
@@ -449,8 +449,7 @@ def cli(argv, entry=None):
               "command again to go on from there", file=sys.stderr)
         sys.exit(130)  # the shell's status for a run stopped by Ctrl-C (128 + SIGINT)
     except WriteError as e:
-        die(f"{e}; free some space (or pick a writable --out_dir) and run the same command again: finished "
-            f"stages are kept", status=1)
+        die(f"{e}, and run the same command again: finished stages are kept", status=1)
 
 
 if __name__ == "__main__":

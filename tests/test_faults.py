@@ -4,6 +4,7 @@ import collections
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
-import cli
 import checkpoint
-import training
+import cli
+import data
 import train
+import training
 from model import GPT, GPTConfig
 from test_gpt2_import import hf_layout, write_safetensors
 
@@ -35,7 +36,7 @@ def comparable(out_dir):
     """results.json less what differs between equal runs: times, the out dir, and which stages
     were trained or loaded."""
     results = json.loads((Path(out_dir) / "results.json").read_text())
-    for key in ("wall_time_s", "stages", "stage_times"):
+    for key in ("wall_time_s", "stages", "stage_times", "digest"):
         results.pop(key, None)
     results["config"].pop("out_dir")
     return results
@@ -49,9 +50,9 @@ def curves(out_dir):
     return {p.name: p.read_text() for p in Path(out_dir).glob("*.curve.jsonl")}
 
 
-def run_in_process(out_dir, monkeypatch, kill_after=None):
-    """train.main on out_dir with every rename into it recorded; kill_after(name) -> True raises
-    Killed right after that rename, as if the process died there. Returns the names renamed."""
+def run_in_process(out_dir, monkeypatch, kill_after=None, extra=()):
+    """train.main on out_dir (and the extra options) with every rename into it recorded; kill_after(name)
+    -> True raises Killed right after that rename, as if the process died there. Returns the names renamed."""
     real_replace, renamed = os.replace, []
 
     def replace(src, dst):
@@ -63,7 +64,7 @@ def run_in_process(out_dir, monkeypatch, kill_after=None):
     with monkeypatch.context() as m:
         m.setattr(os, "replace", replace)
         try:
-            train.main([*ARGS, f"--out_dir={out_dir}"])
+            train.main([*ARGS, *extra, f"--out_dir={out_dir}"])
         except Killed:
             pass
     return renamed
@@ -76,6 +77,27 @@ def reference(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         renamed = run_in_process(out, monkeypatch)
     return out, renamed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_file", ["policy_afd_adversarial.resume.pt", "policy_irft_stage1.resume.pt"])
+def test_killed_mid_method_resumes_every_named_state_to_the_same_results(reference, tmp_path, monkeypatch,
+                                                                         resume_file):
+    """Killed right after a method's loop wrote its resume checkpoint (every 2 steps here), the rerun
+    restores every state the loop names (the adversarial discriminator and both optimisers too) and
+    ends with the reference's results and curves."""
+    out = tmp_path / "out"
+    run_in_process(out, monkeypatch, lambda name: name == resume_file, extra=["--ckpt_every=2"])
+    assert not (out / "results.json").exists()
+    saved = torch.load(out / resume_file, weights_only=True)
+    assert saved["step"] == 2 and set(saved["state"]) >= {"opt"}
+    if "adversarial" in resume_file:
+        assert set(saved["state"]) == {"opt", "disc", "disc_opt"}
+    run_in_process(out, monkeypatch, extra=["--ckpt_every=2"])
+    resumed, whole = comparable(out), comparable(reference[0])
+    resumed["config"].pop("ckpt_every"), whole["config"].pop("ckpt_every")
+    assert resumed == whole
+    assert curves(out) == curves(reference[0])
 
 
 @pytest.mark.slow
@@ -296,6 +318,61 @@ def test_files_in_the_out_dir_that_are_not_ours_are_refused_or_redone(tmp_path, 
     (tmp_path / "results.json").write_text("[1, 2]")  # JSON, but not results: redone, not trusted
     cfg = cli.parse_args(["--preset=smoke", f"--out_dir={tmp_path}"])
     assert train.saved_results(cfg) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", ["a golden reward made 99", "a golden reward made NaN", "a key removed",
+                                  "a number made a string", "cut short"])
+def test_a_results_file_edited_after_the_run_is_redone_not_drawn(reference, tmp_path, capsys, edit):
+    """results.json carries the digest of what the run wrote: a file edited or damaged since is not
+    drawn into report.md (no verdict from a made-up value, no traceback); the rerun says so in one
+    line, redoes the evaluation from the checkpoints and writes the reference's results again."""
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    if edit == "a golden reward made 99":
+        results["policies"][3]["golden_reward"] = 99.0
+    elif edit == "a golden reward made NaN":
+        results["policies"][3]["golden_reward"] = float("nan")
+    elif edit == "a key removed":
+        del results["best_of_n"]
+    elif edit == "a number made a string":
+        results["wall_time_s"] = "fast"
+    text = json.dumps(results, indent=2)
+    path.write_text(text[:len(text) // 2] if edit == "cut short" else text)
+    train.main([*ARGS, f"--out_dir={out}"])
+    logged = capsys.readouterr().out
+    assert f"[evaluate] {path}: " in logged and "redoing the evaluation" in logged
+    assert "[policy_irft_stage1] loaded" in logged  # the checkpoints, not the runs, are reused
+    assert comparable(out) == comparable(reference[0])
+    assert "99.000" not in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["report.md", "results.json"])
+def test_an_output_path_that_is_a_folder_is_one_line_and_the_fix(reference, tmp_path, capsys, name):
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    (out / name).unlink()
+    (out / name).mkdir()
+    with pytest.raises(SystemExit) as e:
+        train.cli([*ARGS, f"--out_dir={out}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"{out / name} is a folder or special file, not a file the project wrote; move it away" in err
+    assert (out / name).is_dir()
+
+
+def test_atomic_write_refuses_a_folder_or_a_link_in_the_way(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "target").write_text("kept")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for name, kind in [("folder", "folder"), ("link", "link")]:
+        with pytest.raises(checkpoint.WriteError, match=f"it is a {kind}, not a file the project wrote; move it away"):
+            checkpoint.atomic_write(str(tmp_path / name), lambda tmp: Path(tmp).write_text("new"))
+    assert (tmp_path / "target").read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["folder", "link", "target"]  # nothing written, no temporary file left
 
 
 def test_demonstrations_holding_evaluation_prompts_stop_the_run_or_are_dropped(tmp_path, capsys):
