@@ -10,6 +10,7 @@ up to date and redoes the rest; a stage's config includes a hash of the code it 
     save_model, load_weights, load_checkpoint, save_atomic, atomic_write
 """
 import ast
+import copy
 import errno
 import hashlib
 import os
@@ -91,7 +92,9 @@ def why_not_written(error, path):
 
 # the modules whose code can change a result (report.py, cli.py and this file never do)
 CODE_FILES = ("model", "gpt2", "data", "realdata", "reward", "afd", "parallel", "training", "train")
-STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain"], "sft": ["train.stage_sft"],
+# (training.Batches: the batches of every training stage, made once in train.run_pipeline)
+STAGE_CODE = {"task": ["train.stage_task"], "pretrain": ["train.stage_pretrain", "training.Batches"],
+              "sft": ["train.stage_sft"],
               "sample": ["train.stage_sample"], "rm": ["train.stage_gold", "train.stage_reward_models"],
               "policy": ["train.stage_policies"], "evaluate": ["train.stage_evaluate"]}
 # they print or time; no result depends on them
@@ -106,10 +109,42 @@ UNIT_CODE = {"rm": {"init_sft": "afd.discriminator_batch_loss", "init_demo": "af
                         "ava_d_direct": "afd.ava_d_direct"}}
 
 
+def fingerprint(node):
+    """A hash of what a piece of code does: its syntax tree without docstrings (ast drops comments and
+    layout), so that editing a docstring or a comment changes no stamp."""
+    node = copy.deepcopy(node)
+    for n in ast.walk(node):
+        body = getattr(n, "body", None)
+        if (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            n.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:12]
+
+
+def references(*nodes):
+    """The names a piece of code refers to: [(name, attribute or None)] for each `name` and each
+    `name.attribute`, and the set of every attribute name it reads (`x.forward`, `self.hidden`)."""
+    refs, attrs = [], set()
+    for node in nodes:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name):
+                refs.append((n.id, None))
+            elif isinstance(n, ast.Attribute):
+                attrs.add(n.attr)
+                if isinstance(n.value, ast.Name):
+                    refs.append((n.value.id, n.attr))
+    return refs, attrs
+
+
+IMPLICIT = {"forward"}  # methods called without their name being read (and every __dunder__)
+
+
 @lru_cache(maxsize=None)
 def module_names(folder, module):
-    """A module's top-level names: {name: (its source, the names it refers to)}, with what its
-    imports bind: {alias: (module, name)} (name None for `import module`)."""
+    """A module's top-level names, each with (its fingerprint, the names it refers to, the attribute
+    names it reads): a function, a class without its methods (its bases, decorators, fields), each
+    method as "Class.method", each name a statement assigns (of `a, b = 1, 2` each its own value).
+    Also what the module's imports bind: {alias: (module, name)} (name None for `import module`)."""
     source = Path(folder, f"{module}.py").read_text()
     names, imports = {}, {}
     for node in ast.parse(source).body:
@@ -117,30 +152,48 @@ def module_names(folder, module):
             imports.update({a.asname or a.name: (a.name, None) for a in node.names if a.name in CODE_FILES})
         elif isinstance(node, ast.ImportFrom) and node.module in CODE_FILES:
             imports.update({a.asname or a.name: (node.module, a.name) for a in node.names})
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)):
-            assigned = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-            targets = ([node.name] if hasattr(node, "name") else
-                       [t.id for a in assigned for t in ast.walk(a) if isinstance(t, ast.Name)])
-            refs = [(n.value.id, n.attr) if isinstance(n, ast.Attribute) else (n.id, None)
-                    for n in ast.walk(node) if isinstance(n, ast.Name) or
-                    (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name))]
-            names.update({t: (ast.get_source_segment(source, node), refs) for t in targets})
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names[node.name] = (fingerprint(node), *references(node))
+        elif isinstance(node, ast.ClassDef):
+            methods = [n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            rest = copy.copy(node)
+            rest.body = [n for n in node.body if n not in methods] or [ast.Pass()]
+            names[node.name] = (fingerprint(rest), *references(rest))
+            names.update({f"{node.name}.{m.name}": (fingerprint(m), *references(m)) for m in methods})
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if (isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple)
+                        and len(target.elts) == len(node.value.elts)):  # a, b = 1, 2: each its own value
+                    pairs = zip(target.elts, node.value.elts)
+                else:
+                    pairs = [(t, node) for t in ast.walk(target) if isinstance(t, ast.Name)]
+                for name, value in pairs:
+                    if isinstance(name, ast.Name):
+                        names[name.id] = (fingerprint(value), *references(value))
     return names, imports
 
 
 @lru_cache(maxsize=None)
 def code_versions(roots, skip=frozenset(), folder=os.path.dirname(os.path.abspath(__file__))):
-    """{"module.name": hash of its source} for roots ("module.name", ...) and every top-level
-    name of the project they refer to, transitively, except the names in skip."""
-    out, todo = {}, list(roots)
+    """{"module.name": fingerprint} for roots ("module.name", ...) and every top-level name of the
+    project they refer to, transitively, except the names in skip. A class counts by the methods the
+    code reads by name (and forward and the dunders), each on its own: "module.Class.method"."""
+    out, todo, attrs, classes = {}, list(roots), set(), set()
     while todo:
         module, name = todo.pop().split(".", 1)
         key = f"{module}.{name}"
         names, imports = module_names(folder, module)
         if key in out or key in OUTPUT_ONLY or key in skip or name not in names:
             continue
-        source, refs = names[name]
-        out[key] = hashlib.sha256(source.encode()).hexdigest()[:12]
+        out[key], refs, read = names[name]
+        for attr in read - attrs:  # a method name read for the first time: that method of every class so far
+            todo += [f"{m}.{c}.{attr}" for m, c in classes]
+        attrs |= read
+        if any(n.startswith(f"{name}.") for n in names) and "." not in name:  # a class: the methods reached
+            classes.add((module, name))
+            todo += [f"{key}.{n.split('.', 1)[1]}" for n in names if n.startswith(f"{name}.") and (
+                n.split(".", 1)[1] in attrs | IMPLICIT or n.split(".", 1)[1].startswith("__"))]
         for ref, attr in refs:
             if ref in names:
                 todo.append(f"{module}.{ref}")
@@ -151,11 +204,30 @@ def code_versions(roots, skip=frozenset(), folder=os.path.dirname(os.path.abspat
     return dict(sorted(out.items()))
 
 
+def check_code_tables(methods, reward_models, folder=os.path.dirname(os.path.abspath(__file__))):
+    """Stop with one line if STAGE_CODE or UNIT_CODE names code that is not there (a function renamed)
+    or leaves out a method or reward model (each needs its own stamp): a stale table would stamp the
+    wrong code and redo every stage, silently."""
+    for table, keys in [("STAGE_CODE", [k for roots in STAGE_CODE.values() for k in roots]),
+                        ("UNIT_CODE", [k for units in UNIT_CODE.values() for k in units.values()])]:
+        for key in keys:
+            module, name = key.split(".", 1)
+            if name not in module_names(folder, module)[0]:
+                die(f"checkpoint.{table} names {key}, which {module}.py does not define (renamed?): update the table "
+                    f"in checkpoint.py", status=1)
+    for stage, units in [("policy", [m for m in methods if m != "bon"]), ("rm", [r for r in reward_models
+                                                                              if r != "logratio"])]:
+        if missing := [u for u in units if u not in UNIT_CODE[stage]]:
+            die(f"checkpoint.UNIT_CODE[{stage!r}] has no entry for {missing[0]}: add its entry point (the function "
+                f"of afd.py or reward.py that only it runs)", status=1)
+
+
 def changes(saved, current):
     """In a few words, why a saved stage config is not the current one."""
     if "code" not in saved:
         return "the code changed"
     code = [k for k in current.get("code", {}) if saved["code"].get(k) != current["code"][k]]
+    code += [f"{k} (gone)" for k in saved["code"] if k not in current.get("code", {})]
     fields = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in dict.fromkeys([*current, *saved])
               if k != "code" and saved.get(k) != current.get(k)]
     said = fields + ([", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "") + " changed"]

@@ -39,9 +39,10 @@ import data
 import gpt2
 import parallel
 import realdata
-from checkpoint import (STAGE_CODE, STAGE_LINES, STAGE_TIMES, WriteError, changes, check_out_dir, code_versions,
+from checkpoint import (STAGE_CODE, STAGE_LINES, STAGE_TIMES, WriteError, changes, check_code_tables, check_out_dir,
+                        code_versions,
                         out_dir_lock, said, save_atomic, saved_result, stage_config, timed)
-from cli import BON_SIZES, check_memory, die, methods_of, model_config, parse_args
+from cli import BON_SIZES, METHODS, check_memory, die, methods_of, model_config, parse_args
 from model import GPT, configure_optimizer, frozen_copy, num_params
 from parallel import autocast, is_main, log, progress, sample, score, score_kinds
 from report import markdown_tables, read_results, results_digest, write_report, write_text
@@ -396,6 +397,7 @@ def main(argv, host_fix=None):
     """The whole pipeline for a command line; returns the results (results.json). host_fix: see
     cli.check_memory."""
     cfg = parse_args(argv)
+    check_code_tables(METHODS, RM_NAMES)  # the stage cache's tables name code that is there
     STAGE_LINES.clear()
     STAGE_TIMES.clear()
     check_out_dir(cfg)

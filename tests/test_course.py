@@ -114,17 +114,20 @@ def test_check_stops_at_once_when_the_untouched_tree_fails(monkeypatch, capsys):
 
 def test_every_catalogued_mistake_applies_once_within_its_objectives_body():
     """Each entry of course.MISTAKES changes its own objective's body (and nothing else) and compiles;
-    an entry whose text is not in the body, or is there twice, is refused (None)."""
+    an entry whose text is not in the body, or is there twice, is refused (None). An objective removed
+    for a student (its body a stub) has no text to change: its entries are not checked."""
     assert set(course.MISTAKES) == set(OBJECTIVES)
     for name, entries in course.MISTAKES.items():
         path = ROOT / (name.split(".")[0] + ".py")
         text = path.read_text()
+        fn = course.find_def(ast.parse(text), name)
+        if course.EXCEPTION in ast.get_source_segment(text, fn):
+            continue
         for what, old, new in entries:
             mutated = course.with_mistake(text, name, old, new)
             assert mutated is not None and mutated != text, (name, what)
             before, after = text.splitlines(), mutated.splitlines()
             changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
-            fn = course.find_def(ast.parse(text), name)
             assert changed and fn.lineno <= changed[0] + 1 <= fn.end_lineno, (name, what)
     text = (ROOT / "afd.py").read_text()
     assert course.with_mistake(text, "afd.kl_bound", "not in the body", "x") is None

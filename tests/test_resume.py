@@ -129,6 +129,73 @@ def test_code_versions_follow_references_across_modules(tmp_path):
         "sft_lr 1 -> 2; model.SCALE changed"
 
 
+def versions_after(tmp_path, before_source, after_source, roots=("afd.loss",)):
+    """code_versions of roots with model.py as before_source, then as after_source (afd.py fixed)."""
+    out = []
+    for source in (before_source, after_source):
+        (tmp_path / "model.py").write_text(source)
+        checkpoint.module_names.cache_clear(), checkpoint.code_versions.cache_clear()
+        out.append(checkpoint.code_versions(roots, folder=str(tmp_path)))
+    return out
+
+
+def test_the_cache_stamps_each_name_of_a_multi_target_assignment_on_its_own(tmp_path):
+    """Edit one of four constants assigned on one line: that one, and only it, is named."""
+    (tmp_path / "afd.py").write_text("import model\n\ndef loss(x):\n    return model.A + model.C * x\n")
+    before, after = versions_after(tmp_path, "A, B, C, D = 1, 2, 3, 4\n", "A, B, C, D = 1, 2, 30, 4\n")
+    assert sorted(before) == ["afd.loss", "model.A", "model.C"]  # B and D are never read
+    assert [k for k in before if before[k] != after[k]] == ["model.C"]
+    assert checkpoint.changes({"code": before}, {"code": after}) == "model.C changed"
+
+
+def test_the_cache_ignores_docstrings_and_comments(tmp_path):
+    (tmp_path / "afd.py").write_text("import model\n\ndef loss(x):\n    return model.helper(x)\n")
+    before, after = versions_after(
+        tmp_path, 'def helper(x):\n    """Twice x."""\n    return 2 * x  # doubled\n',
+        'def helper(x):\n    """Two times x, reworded."""\n    # a new comment\n    return 2 * x    # doubled, twice\n')
+    assert before == after
+    _, edited = versions_after(tmp_path, 'def helper(x):\n    return 2 * x\n', 'def helper(x):\n    return 3 * x\n')
+    assert edited != after
+
+
+def test_the_cache_stamps_a_class_by_the_methods_the_code_reads(tmp_path):
+    """A class's methods each have their own stamp, counted when the code reads their name (and
+    forward and the dunders, called implicitly): editing a method the stage never calls redoes nothing."""
+    (tmp_path / "afd.py").write_text("from model import Net\n\ndef loss(x):\n    return Net().score(x)\n")
+    source = ("class Net:\n    SCALE = 2\n\n    def __init__(self):\n        self.k = 1\n\n"
+              "    def score(self, x):\n        return self.helper(x) * self.SCALE\n\n"
+              "    def helper(self, x):\n        return x + self.k\n\n    def sample(self):\n        return 0\n")
+    before, after = versions_after(tmp_path, source, source.replace("return 0", "return 1"))
+    assert sorted(before) == ["afd.loss", "model.Net", "model.Net.__init__", "model.Net.helper", "model.Net.score"]
+    assert before == after  # sample() is never read: its edit redoes nothing
+    _, edited = versions_after(tmp_path, source, source.replace("x + self.k", "x - self.k"))
+    assert [k for k in before if before[k] != edited[k]] == ["model.Net.helper"]
+    _, scaled = versions_after(tmp_path, source, source.replace("SCALE = 2", "SCALE = 3"))
+    assert [k for k in before if before[k] != scaled[k]] == ["model.Net"]
+
+
+def test_a_stale_entry_in_the_cache_tables_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    """A method's entry point renamed in afd.py, or a method without an entry in UNIT_CODE: one line
+    naming it, before any work (a stale table would stamp the wrong code and redo every method)."""
+    checkpoint.check_code_tables(cli.METHODS, ["init_sft", "pref", "logratio"])  # the tables as they are
+    monkeypatch.setitem(checkpoint.UNIT_CODE["policy"], "irft", "afd.irft_renamed")
+    with pytest.raises(SystemExit):
+        checkpoint.check_code_tables(cli.METHODS, [])
+    assert "checkpoint.UNIT_CODE names afd.irft_renamed, which afd.py does not define (renamed?)" in \
+        capsys.readouterr().err
+    monkeypatch.setitem(checkpoint.UNIT_CODE["policy"], "irft", "afd.irft")
+    with pytest.raises(SystemExit):
+        checkpoint.check_code_tables([*cli.METHODS, "new_method"], [])
+    assert "UNIT_CODE['policy'] has no entry for new_method" in capsys.readouterr().err
+
+
+def test_a_sampling_constant_is_in_the_stamp_of_sampling_not_of_pre_training_or_sft():
+    cfg = cli.Config()
+    assert "model.MIN_ROWS" not in checkpoint.stage_config(cfg, "sft")["code"]
+    assert "model.MIN_ROWS" in checkpoint.stage_config(cfg, "sample")["code"]
+    assert "training.Batches.pairs" in checkpoint.stage_config(cfg, "pretrain")["code"]  # its batches
+
+
 def write_lines(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return path
