@@ -16,7 +16,7 @@ that reads top to bottom: its models, its optimisers, and its training loop writ
                                 6   RL on a fixed reward (a tailored reward model, AVA-d)
     irl_round, irl_iterated     7   iterated IRL with an explicit reward
     irft_loss, irft_stage, irft 8   IRFT (the implicit reward; one stage is SPIN)
-    best_of_n, best_of_n_estimate, majority_vote, kl_bound, best_of_n_evaluation
+    best_of_n, best_of_n_estimate, majority_vote, weighted_vote, kl_bound, best_of_n_evaluation
                                 9   Best-of-N, its every-n estimator, the oracle and majority rows
     ava_d_direct                10  AVA-d's direct optimisation: the policy is AVA's Q model
     mean_stderr, win_rate_indicator, kl_estimate
@@ -443,6 +443,25 @@ def majority_vote(text_ids, n, generator, draws=256):
     return torch.cat(kept, dim=1)                                                   # (P, draws)
 
 
+def weighted_vote(text_ids, scores, n, generator, draws=256, temperature=1.0):
+    """Verifier-weighted self-consistency: among n of the N samples of a prompt, keep the text whose
+    copies carry the most weight, each sample weighing w_i = softmax(r_i / temperature) over the n
+    (r_i a reward model's score; ties broken at random). A text's weight is the sum over its copies:
+    with equal scores this is majority voting, as temperature -> 0 it is Best-of-n. text_ids, scores
+    (P, N). Returns (P, draws) the kept sample's index in `draws` random n-subsets (as majority_vote)."""
+    P, N = text_ids.shape
+    kept = []
+    for _ in range(draws):
+        subset = torch.rand(P, N, generator=generator).argsort(dim=1)[:, :n]                    # (P, n)
+        ids = torch.gather(text_ids, 1, subset)                                                 # (P, n)
+        w = torch.softmax(torch.gather(scores.double(), 1, subset) / temperature, dim=1)        # (P, n)
+        weight = ((ids[:, :, None] == ids[:, None, :]).double() * w[:, None, :]).sum(dim=2)     # (P, n) of each one's text
+        best = weight == weight.max(dim=1, keepdim=True).values                                 # exact ties only
+        tie_break = torch.rand(P, n, generator=generator) * best
+        kept.append(torch.gather(subset, 1, tie_break.argmax(dim=1, keepdim=True)))
+    return torch.cat(kept, dim=1)                                                               # (P, draws)
+
+
 def kl_bound(n):
     """KL(pi_BoN || pi_sft) <= log n - (n - 1) / n."""
     return math.log(n) - (n - 1) / n
@@ -454,13 +473,17 @@ def best_of_n_evaluation(scores, golden, text_ids, values, sizes, seed):
       each reward model of scores {name: (P, N) its scores of the candidates}: the best-scored of n,
       "oracle": the best of n by the golden reward (P, N) itself, the ceiling of any reward model,
       "majority": the most frequent text of n (self-consistency: text_ids (P, N), no reward),
+      "weighted_<name>": each reward model's weighted vote over the n (weighted_vote, temperature 1),
     and values {value: (P, N)} (the golden reward, a win indicator, ...) what is averaged."""
+    def by_kept(kept):  # the mean value of the samples kept in random n-subsets; at n = 1, of all
+        return lambda v, n: v.double().mean(dim=1) if n == 1 else torch.gather(v.double(), 1, kept[n]).mean(dim=1)
     pickers = {name: (lambda v, n, s=s: best_of_n_estimate(s, v, n)) for name, s in scores.items()}
     pickers["oracle"] = lambda v, n: best_of_n_estimate(golden, v, n)
-    kept = {n: majority_vote(text_ids, n, torch.Generator().manual_seed(stable_seed(seed, "majority", n)))
-            for n in sizes if n > 1}  # (P, draws) each; at n = 1 every sample is its own majority
-    pickers["majority"] = lambda v, n: v.double().mean(dim=1) if n == 1 else torch.gather(v.double(), 1,
-                                                                                          kept[n]).mean(dim=1)
+    pickers["majority"] = by_kept({n: majority_vote(text_ids, n, torch.Generator().manual_seed(
+        stable_seed(seed, "majority", n))) for n in sizes if n > 1})  # (P, draws) each
+    for name, s in scores.items():
+        pickers[f"weighted_{name}"] = by_kept({n: weighted_vote(text_ids, s, n, torch.Generator().manual_seed(
+            stable_seed(seed, "weighted", name, n))) for n in sizes if n > 1})
     return {name: {n: {key: pick(v, n) for key, v in values.items()} for n in sizes}
             for name, pick in pickers.items()}
 

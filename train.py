@@ -293,11 +293,12 @@ def best_of_n_rows(estimates, parts, task):
     each part of the golden reward and the golden reward by kind of prompt; share_of_ceiling."""
     rows = []
     for name, by_n in estimates.items():
+        vote = name == "majority" or name.startswith("weighted_")  # a vote's pick: KL(. || pi_sft) <= log n
         for n, est in by_n.items():
             m, se = afd.mean_stderr(est["golden"])
             rows.append({"rm": name, "n": n, "golden_reward": m, "golden_reward_stderr": se,
                          "win_rate_vs_sft": float(est["win"].mean()),
-                         "kl_bound": math.log(n) if name == "majority" else afd.kl_bound(n)})
+                         "kl_bound": math.log(n) if vote else afd.kl_bound(n)})
             if parts is not None:
                 rows[-1]["parts"] = {part: float(est[part].mean()) for part in parts}
                 rows[-1]["kinds"] = by_kind(est["golden"], task)

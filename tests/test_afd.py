@@ -1,6 +1,9 @@
 """Best-of-N selection, evaluation helpers and the reward models. The objectives themselves (sft_loss,
 discriminator_loss, RLOO, IRFT, the Best-of-N estimator, ...) are tested one by one in test_objectives.py;
 the tests here that train with them are marked slow."""
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -108,3 +111,44 @@ def test_text_ids_are_equal_for_equal_texts_within_a_prompt():
     import train
     candidates = [[1, 2], [3], [1, 2], [1, 2], [1, 2], [3]]
     assert train.text_ids(candidates, 2, 3).tolist() == [[0, 1, 0], [0, 0, 1]]
+
+
+def test_weighted_vote_by_hand_sums_each_texts_softmax_weight():
+    """One prompt, all N = 4 samples in every draw (n = N): text 0 twice at score 0, text 1 once at
+    score s, text 2 once at -1. Weights e^0, e^0, e^s, e^-1 (over their sum): text 1 wins only when
+    e^s > 2, i.e. s > ln 2, where majority voting keeps text 0 whatever the scores."""
+    ids = torch.tensor([[0, 0, 1, 2]])
+    for s, winners in [(2.0, {2}), (0.5, {0, 1})]:
+        kept = afd.weighted_vote(ids, torch.tensor([[0.0, 0.0, s, -1.0]]), 4, torch.Generator().manual_seed(0), draws=64)
+        assert set(kept[0].tolist()) == winners, s
+    assert set(afd.majority_vote(ids, 4, torch.Generator().manual_seed(0), draws=64)[0].tolist()) == {0, 1}
+
+
+def test_weighted_vote_with_equal_scores_is_majority_voting_and_breaks_ties_at_random():
+    ids = torch.tensor([[3, 1, 3, 2, 1, 3], [5, 6, 5, 6, 7, 7]])  # row 0: text 3 most often; row 1: a 3-way tie
+    kept = afd.weighted_vote(ids, torch.zeros(2, 6), 6, torch.Generator().manual_seed(1), draws=300)
+    assert {int(ids[0, i]) for i in kept[0]} == {3}
+    picked = torch.bincount(ids[1, kept[1]], minlength=8)[5:]
+    assert (picked > 60).all()  # each tied text about a third of the time (100 each expected)
+
+
+def test_weighted_vote_every_n_estimate_matches_enumerating_the_subsets():
+    """The mean value of the kept sample over random n-subsets against the exact mean over all
+    C(N, n) subsets (no ties: distinct scores), within 4 standard errors of the random draws."""
+    ids = torch.tensor([[0, 1, 0, 2, 1, 0]])
+    scores = torch.tensor([[0.3, 1.1, -0.4, 2.0, 0.9, 0.0]])
+    values = torch.tensor([[1.0, -2.0, 1.0, 5.0, -2.0, 1.0]])
+    n, N = 3, 6
+    exact = []
+    for subset in itertools.combinations(range(N), n):
+        w = torch.softmax(scores[0, list(subset)].double(), 0)
+        total = {int(ids[0, i]): 0.0 for i in subset}
+        for i, wi in zip(subset, w):
+            total[int(ids[0, i])] += float(wi)
+        best = max(total, key=total.get)
+        exact.append(float(values[0, next(i for i in subset if ids[0, i] == best)]))
+    exact_mean = sum(exact) / len(exact)
+    kept = afd.weighted_vote(ids, scores, n, torch.Generator().manual_seed(2), draws=4000)
+    picked = values[0, kept[0]].double()
+    se = picked.std() / math.sqrt(len(picked))
+    assert abs(picked.mean() - exact_mean) < 4 * se and 0.5 < exact_mean < 3.0

@@ -46,12 +46,12 @@ def test_smoke_pipeline_writes_valid_results(run, tmp_path):
     assert all(accuracy[name]["heldout_accuracy"] >= 0.6 for name in ("init_sft", "init_demo", "sft_demo"))
     assert accuracy["logratio"]["acc_demo_vs_sft"] >= 0.6
     bon = results["best_of_n"]
-    selectors = names_of(results) + ["oracle", "majority"]
+    selectors = names_of(results) + ["oracle", "majority"] + [f"weighted_{rm}" for rm in names_of(results)]
     assert {(b["rm"], b["n"]) for b in bon} == {(rm, n) for rm in selectors for n in (1, 2, 4, 8)}
     n1 = {b["golden_reward"] for b in bon if b["n"] == 1}
     assert max(n1) - min(n1) < 1e-9  # best-of-1 is the mean of the candidates, whatever the selector
-    assert all(b["kl_bound"] == (math.log(b["n"]) - (b["n"] - 1) / b["n"] if b["rm"] != "majority"
-                                 else math.log(b["n"])) for b in bon)
+    assert all(b["kl_bound"] == (math.log(b["n"]) if b["rm"] == "majority" or b["rm"].startswith("weighted_")
+                                 else math.log(b["n"]) - (b["n"] - 1) / b["n"]) for b in bon)
     oracle = {b["n"]: b["golden_reward"] for b in bon if b["rm"] == "oracle"}
     assert all(b["golden_reward"] <= oracle[b["n"]] + 1e-9 for b in bon if b["rm"] in names_of(results))
     for b in bon:  # the parts of the golden reward add up to it; every kind of prompt is there
