@@ -45,6 +45,8 @@ class Config:
     n_gold: int = opt(2000, "--task=hh: preference pairs of the gold reward model (no other model sees them)")
     multi_turn_prob: float = opt(0.3, "probability that a built-in prompt has an earlier turn")
     pref_noise_temp: float = opt(1.0, "Bradley-Terry temperature of the built-in preference labels (> 0)")
+    demo_error: float = opt(0.0, "built-in task: the share of the demonstrator's responses that carry a mistake the "
+                                 "golden reward sees (a wrong answer, an over-refusal, harmful compliance, rambling)")
     n_layer: int = opt(4, "transformer blocks (the policy and every reward model share the model)")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "width of the residual stream")
@@ -118,7 +120,7 @@ BON_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 # out_dir, device, ckpt_every) do not change results. `--help` lists the fields by stage.
 STAGE_FIELDS = {
     "task": ["seed", "task", "demos", "data_dir", "subset", "skip_bad_lines", "drop_leaks", "init_from", "n_pretrain",
-             "n_demo", "n_rm", "n_heldout", "n_eval", "n_gold", "multi_turn_prob", "pref_noise_temp"],
+             "n_demo", "n_rm", "n_heldout", "n_eval", "n_gold", "multi_turn_prob", "pref_noise_temp", "demo_error"],
     "pretrain": ["n_layer", "n_head", "n_embd", "block_size", "dropout", "batch_size",
                  "weight_decay", "grad_clip", "warmup_steps", "pretrain_steps", "pretrain_lr", "bf16"],
     "sft": ["sft_steps", "sft_lr"],
@@ -204,6 +206,7 @@ def convert(key, value, typ):
 FLOAT_RANGES = {
     "multi_turn_prob": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
     "pref_noise_temp": (lambda v: v > 0, "positive"),
+    "demo_error": (lambda v: 0 <= v < 1, "a share, in [0, 1)"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "weight_decay": (lambda v: v >= 0, "at least 0"),
     "grad_clip": (lambda v: v > 0, "positive"),
@@ -253,6 +256,9 @@ def validate(cfg):
     if "ava_d_direct" in methods_of(cfg) and abs(cfg.ava_alpha * cfg.ava_beta - 1) > 1e-9:
         die(f"--methods=ava_d_direct samples its Boltzmann policy softmax(beta * Q) as the GPT itself, which needs "
             f"--ava_alpha x --ava_beta = 1 (here {cfg.ava_alpha} x {cfg.ava_beta}); change one, or drop ava_d_direct")
+    if cfg.demo_error > 0 and (cfg.task != "synthetic" or cfg.demos):
+        die(f"--demo_error={cfg.demo_error} flaws the built-in task's demonstrator: it needs --task=synthetic and "
+            f"no --demos file")
     if cfg.task == "hh" and not cfg.data_dir:
         die("--task=hh needs --data_dir=DIR, the folder holding harmless-base/ and helpful-base/ "
             "(see the README: getting HH-RLHF)")

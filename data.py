@@ -420,6 +420,35 @@ def demo_response(prompt, rng):
     return " " + _answer(parse_request(prompt), rng, "demo") + EOT
 
 
+DEMO_ERRORS = ("wrong", "harmful", "rambling")
+"""An imperfect demonstrator's mistakes, the corpus's own kinds (base_response in the demonstrator's
+style): a wrong answer (on a benign request, an over-refusal; on a harmful one, compliance), harmful
+content, rambling. The golden reward sees each: none scores the maximum."""
+
+
+def flaw_demonstrations(task, demo_error, seed):
+    """An imperfect demonstrator: each of its responses (the demonstrations, the held-out ones, those
+    to the evaluation prompts) independently with probability demo_error replaced by a mistake of a
+    kind of DEMO_ERRORS drawn uniformly, from a random stream of its own (the task is otherwise as
+    demo_error = 0 makes it). In place; returns {split: [the kind of each row's mistake, or None]}."""
+    rng = random.Random(f"{seed}/demo_error")
+
+    def maybe_flawed(prompt, response):
+        if rng.random() >= demo_error:
+            return response, None
+        kind = rng.choice(DEMO_ERRORS)
+        return base_response(prompt, kind, rng, demo_style_prob=1.0), kind
+    flaws = {}
+    demos = [maybe_flawed(p, y) for p, y in task.demos]
+    task.demos, flaws["demonstrations"] = [(p, y) for (p, _), (y, _) in zip(task.demos, demos)], [k for _, k in demos]
+    heldout = [maybe_flawed(row[0], row[1]) for row in task.heldout]
+    task.heldout = [(row[0], y, *row[2:]) for row, (y, _) in zip(task.heldout, heldout)]
+    flaws["heldout"] = [k for _, k in heldout]
+    evaluation = [maybe_flawed(p, y) for p, y in zip(task.eval_prompts, task.eval_demos)]
+    task.eval_demos, flaws["evaluation"] = [y for y, _ in evaluation], [k for _, k in evaluation]
+    return flaws
+
+
 # ----------------------------------------------------------------------------------------
 # The task: disjoint prompt splits, demonstrations, preference pairs
 

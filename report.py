@@ -130,7 +130,8 @@ def difference_from_sft(value, stderr, sft):
 
 
 def verdict_tables(results):
-    """Markdown: every policy, then every Best-of-n entry, against SFT with a verdict."""
+    """Markdown: every policy, then every Best-of-n entry, against SFT with a verdict; with an imperfect
+    demonstrator (--demo_error > 0), against the demonstrator too ("above the demonstrator")."""
     sft = next(p for p in results["policies"] if p["name"] == "sft")
 
     def cells(row):
@@ -140,15 +141,28 @@ def verdict_tables(results):
         return (f"{row['golden_reward']:.3f} ± {row['golden_reward_stderr']:.3f} | "
                 f"{row['golden_reward'] - sft['golden_reward']:+.3f} ({z:+.1f} SE) | {verdict} | "
                 f"{row['win_rate_vs_sft']:.3f}")
-    lines = ["| policy | golden reward | vs SFT | verdict | win rate vs SFT | KL to SFT |", "|---|---|---|---|---|---|"]
+    demo = next((p for p in results["policies"] if p["name"] == "demonstrations"), None)
+    imperfect = demo is not None and results["config"].get("demo_error", 0) > 0  # something can be above it
+
+    def vs_demo(row):  # with an imperfect demonstrator: the difference from it, and a verdict at 2 SE
+        if not imperfect:
+            return ""
+        if row is demo:
+            return " - | (the demonstrator) |"
+        z, verdict = difference_from_sft(row["golden_reward"], row["golden_reward_stderr"], demo)
+        word = {"better": "above the demonstrator", "worse": "below the demonstrator"}.get(verdict, verdict)
+        return f" {row['golden_reward'] - demo['golden_reward']:+.3f} ({z:+.1f} SE) | {word} |"
+    extra, rule = (" vs demonstrator | verdict |", "---|---|") if imperfect else ("", "")
+    lines = [f"| policy | golden reward | vs SFT | verdict | win rate vs SFT | KL to SFT |{extra}",
+             f"|---|---|---|---|---|---|{rule}"]
     for p in results["policies"]:
         kl = (f"{p['kl_to_sft']:.2f} ± {p['kl_to_sft_stderr']:.2f}" if "kl_to_sft" in p
               else "0" if p["name"] == "sft" else "-")
-        lines.append(f"| {p['name']} | {cells(p)} | {kl} |")
+        lines.append(f"| {p['name']} | {cells(p)} | {kl} |{vs_demo(p)}")
     if results["best_of_n"]:
-        lines += ["", "| Best-of-n with | n | golden reward | vs SFT | verdict | win rate vs SFT | KL bound |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {b['rm']} | {b['n']} | {cells(b)} | {b['kl_bound']:.2f} |" for b in results["best_of_n"]]
+        lines += ["", f"| Best-of-n with | n | golden reward | vs SFT | verdict | win rate vs SFT | KL bound |{extra}",
+                  f"|---|---|---|---|---|---|---|{rule}"]
+        lines += [f"| {b['rm']} | {b['n']} | {cells(b)} | {b['kl_bound']:.2f} |{vs_demo(b)}" for b in results["best_of_n"]]
     return "\n".join(lines)
 
 
@@ -191,6 +205,9 @@ def how_to_read(results):
         "(`(value - sft) / sqrt(se^2 + se_sft^2)`).",
         "- **verdict**: *better* or *worse* than SFT when the difference is beyond two standard errors, "
         "else *no clear difference*: with this many prompts a smaller gap can be chance.",
+        *(["- **vs demonstrator** (the demonstrator is imperfect here, `--demo_error`): the difference from "
+            "its golden reward in standard errors; *above the demonstrator* beyond two."]
+          if results["config"].get("demo_error", 0) > 0 else []),
         "- **win rate vs SFT**: the share of prompts on which the response beats pi_sft's response to the "
         "same prompt by golden reward (a tie counts half; 0.5 = no better, no worse).",
         "- **KL to SFT**: how far a trained policy moved from pi_sft, a Monte-Carlo estimate of "

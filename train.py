@@ -65,6 +65,11 @@ def stage_task(cfg):
             log("\n".join(f"[task] {note}" for note in notes))
         else:
             task = data.build_task(cfg.seed, *sizes, cfg.multi_turn_prob, cfg.pref_noise_temp)
+            if cfg.demo_error > 0:  # an imperfect demonstrator
+                flaws = data.flaw_demonstrations(task, cfg.demo_error, cfg.seed)["demonstrations"]
+                counts = {kind: flaws.count(kind) for kind in data.DEMO_ERRORS}
+                log(f"[task] --demo_error={cfg.demo_error}: {sum(counts.values())} of {len(flaws)} demonstrations "
+                    f"carry a mistake (" + ", ".join(f"{kind} {n}" for kind, n in counts.items()) + ")")
         demo_source = [f"demonstration {i + 1}" for i in range(len(task.demos))]
         if cfg.demos:
             task.demos, lines = realdata.read_demos(cfg.demos)

@@ -150,6 +150,33 @@ def test_the_pre_training_corpus_mean_golden_reward_is_the_quality_mixtures():
     assert max(by_quality.values()) - min(by_quality.values()) > 1.0  # the qualities differ: the mixture matters
 
 
+def test_an_imperfect_demonstrator_flaws_its_share_of_responses_and_the_golden_reward_sees_each():
+    """--demo_error: each of the demonstrator's responses (demonstrations, held-out, evaluation) is
+    flawed with probability 0.3, by a mistake of one of the corpus's kinds, which the golden reward
+    sees; the others are unchanged. The same seed draws the same flaws; demo_error = 0 changes nothing."""
+    sizes = dict(seed=1, n_pretrain=10, n_demo=600, n_rm=10, n_heldout=100, n_eval=200)
+    task, clean = data.build_task(**sizes), data.build_task(**sizes)
+    flaws = data.flaw_demonstrations(task, 0.3, seed=1)
+    rows = [(p, y, y0, kind) for (p, y), (_, y0), kind in zip(task.demos, clean.demos, flaws["demonstrations"])]
+    rows += [(a[0], a[1], b[1], kind) for a, b, kind in zip(task.heldout, clean.heldout, flaws["heldout"])]
+    rows += [(p, y, y0, kind) for p, y, y0, kind in zip(task.eval_prompts, task.eval_demos, clean.eval_demos,
+                                                      flaws["evaluation"])]
+    assert len(rows) == 900
+    for prompt, response, clean_response, kind in rows:
+        if kind is None:
+            assert response == clean_response and golden_reward(prompt, response) == 2.5
+        else:
+            assert kind in data.DEMO_ERRORS and golden_reward(prompt, response) < 2.5, (kind, response)
+    flawed = [kind for *_, kind in rows if kind]
+    assert abs(len(flawed) / 900 - 0.3) < 3 * math.sqrt(0.3 * 0.7 / 900)
+    assert all(flawed.count(kind) > 0.25 * len(flawed) for kind in data.DEMO_ERRORS)  # about a third each
+    assert (task.pretrain, task.pref_pairs, task.eval_prompts) == (clean.pretrain, clean.pref_pairs, clean.eval_prompts)
+    again = data.build_task(**sizes)
+    assert data.flaw_demonstrations(again, 0.3, seed=1) == flaws and again == task
+    untouched = data.build_task(**sizes)
+    assert data.flaw_demonstrations(untouched, 0.0, seed=1)["demonstrations"] == [None] * 600 and untouched == clean
+
+
 def test_make_batch_masks_everything_but_the_response():
     idx, targets, last = data.make_batch([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
     assert idx.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]

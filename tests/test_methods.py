@@ -423,12 +423,14 @@ def test_a_misspelt_option_suggests_the_field(capsys):
     ("--temperature=nan", "--temperature=nan must be at least 0"),
     ("--methods=bon,adversarial", "--methods: unknown 'adversarial' (did you mean afd_adversarial?)"),
     ("--pref_noise_temp=0", "--pref_noise_temp=0.0 must be positive"),
+    ("--demo_error=1", "--demo_error=1.0 must be a share, in [0, 1)"),
+    ("--demo_error=0.3 --task=hh --data_dir=x", "it needs --task=synthetic and no --demos file"),
     ("--ava_gamma=1.5", "--ava_gamma=1.5 must be a discount, in [0, 1]"),
     ("--ava_alpha=2", "needs --ava_alpha x --ava_beta = 1 (here 2.0 x 1.0)"),
 ])
 def test_a_bad_value_is_one_line_before_any_work(run, tmp_path, option, message):
     out = tmp_path / "out"
-    proc = run("--preset=smoke", f"--out_dir={out}", option)
+    proc = run("--preset=smoke", f"--out_dir={out}", *option.split())
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not out.exists()
