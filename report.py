@@ -424,16 +424,74 @@ def seed_tables(runs):
     return "\n".join(lines)
 
 
+def vote_tables(runs):
+    """Markdown: the README's "When does a learned reward beat self-consistency?" tables, from
+    {(demo_error, seed): results}. For each demo_error: every selector's Best-of-n golden reward (the
+    mean over the seeds), its share of the ceiling, its difference from majority voting at the same n and the seeds in which it is
+    above / below majority by 2 standard errors; the golden reward by kind of prompt at the largest n;
+    and every policy and largest-n selector against the demonstrator."""
+    lines = []
+    for error in sorted({e for e, _ in runs}):
+        seeds = sorted(s for e, s in runs if e == error)
+        bon = {s: {(b["rm"], b["n"]): b for b in runs[error, s]["best_of_n"]} for s in seeds}
+        first = runs[error, seeds[0]]
+        selectors = list(dict.fromkeys(b["rm"] for b in first["best_of_n"]))
+        ns = sorted({b["n"] for b in first["best_of_n"]})[1:]
+
+        def z(a, b):
+            return (a["golden_reward"] - b["golden_reward"]) / max(math.hypot(a["golden_reward_stderr"],
+                                                                            b["golden_reward_stderr"]), 1e-12)
+        lines += [f"`--demo_error={error}`, seeds {', '.join(map(str, seeds))}: Best-of-n golden reward (mean over "
+                  "the seeds) [share of the ceiling] (difference from majority voting at the same n; the seeds in "
+                  "which it is above / below majority by 2 standard errors):", "",
+                  "| selector | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for rm in selectors:
+            cells = []
+            for n in ns:
+                rows = [(bon[s][(rm, n)], bon[s][("majority", n)]) for s in seeds]
+                cell = f"{mean([a['golden_reward'] for a, _ in rows]):.3f}"
+                if "share_of_ceiling" in rows[0][0]:
+                    cell += f" [{mean([a['share_of_ceiling'] for a, _ in rows]):+.2f}]"
+                if rm != "majority":
+                    cell += (f" ({mean([a['golden_reward'] - m['golden_reward'] for a, m in rows]):+.3f}; "
+                             f"{sum(z(a, m) >= 2 for a, m in rows)}/{sum(z(a, m) <= -2 for a, m in rows)})")
+                cells.append(cell)
+            lines.append(f"| {rm} | " + " | ".join(cells) + " |")
+        if "kinds" in first["best_of_n"][0]:
+            kinds = list(first["best_of_n"][0]["kinds"])
+            lines += ["", f"The golden reward by kind of prompt at n={ns[-1]} (mean over the seeds):", "",
+                      "| selector | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+            lines += [f"| {rm} | " + " | ".join(f"{mean([bon[s][(rm, ns[-1])]['kinds'][k] for s in seeds]):+.3f}"
+                                                for k in kinds) + " |" for rm in selectors]
+        demo = {s: next(p for p in runs[error, s]["policies"] if p["name"] == "demonstrations") for s in seeds}
+        rows = [(p["name"], {s: next(q for q in runs[error, s]["policies"] if q["name"] == p["name"]) for s in seeds})
+                for p in first["policies"] if p["name"] != "demonstrations"]
+        rows += [(f"{rm}, n={ns[-1]}", {s: bon[s][(rm, ns[-1])] for s in seeds}) for rm in selectors]
+        lines += ["", f"Against the demonstrator (golden reward {mean([demo[s]['golden_reward'] for s in seeds]):.3f}, "
+                  "mean over the seeds): the mean difference, and the seeds in which it is above / below the "
+                  "demonstrator by 2 standard errors:", "", "| policy or selector | vs demonstrator | above / below |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {mean([by_seed[s]['golden_reward'] - demo[s]['golden_reward'] for s in seeds]):+.3f} | "
+                  f"{sum(z(by_seed[s], demo[s]) >= 2 for s in seeds)} / {sum(z(by_seed[s], demo[s]) <= -2 for s in seeds)} |"
+                  for name, by_seed in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="The README's tables over seeds, from the runs' out dirs.")
-    parser.add_argument("--seeds", nargs="+", required=True, metavar="OUT_DIR",
+    parser.add_argument("--seeds", nargs="+", metavar="OUT_DIR",
                         help="out dirs of `python train.py --seed=S`, one per seed")
+    parser.add_argument("--votes", nargs="+", metavar="OUT_DIR",
+                        help="out dirs of `python train.py --seed=S --demo_error=E`: the voting tables")
     args = parser.parse_args()
+    if not (args.seeds or args.votes):
+        parser.exit(2, "error: give --seeds OUT_DIR ... or --votes OUT_DIR ...\n")
     runs = {}
-    for out_dir in args.seeds:
+    for out_dir in args.seeds or args.votes:
         results, problem = read_results(Path(out_dir, "results.json"))
         if problem:
             parser.exit(2, f"error: {Path(out_dir, 'results.json')}: {problem}; rerun its `python train.py` command\n")
-        runs[results["seed"]] = results
-    print(seed_tables(runs))
+        runs[results["seed"] if args.seeds else (results["config"].get("demo_error", 0.0), results["seed"])] = results
+    print(seed_tables(runs) if args.seeds else vote_tables(runs))

@@ -105,3 +105,16 @@ def test_seed_tables_give_each_seed_and_the_mean_and_standard_error_over_seeds()
     # peaks: init_sft at n = 2 on both seeds, +0.2 over n = 1 in SE of 0.1 = +2.0; majority at n = 1 then n = 2
     assert "| 0 | 2: +0.20 (+2.0 SE) | 1: +0.00 (+0.0 SE) |" in text
     assert "| 1 | 2: +0.30 (+3.0 SE) | 2: +0.10 (+1.0 SE) |" in text
+
+
+def test_vote_tables_compare_each_selector_with_majority_and_the_demonstrator_seed_by_seed():
+    """Two seeds: init_sft at n = 2 is 1.2 and 1.3 against majority's 0.9 and 1.1 (SE 0.1 each): +0.3 /
+    +0.2, i.e. +2.1 and +1.4 SE: above majority in one seed. The demonstrator scores 2.5 ± 0 here, so
+    the method m (1.5, 1.1) is below it in both."""
+    runs = {(0.3, 0): fake_run(0, 1.0, 1.5, 0.1, [(1.0, None), (1.2, 0.2)], [(1.0, None), (0.9, -0.1)]),
+            (0.3, 1): fake_run(1, 1.2, 1.1, 0.2, [(1.0, None), (1.3, 0.3)], [(1.0, None), (1.1, 0.1)])}
+    text = report.vote_tables(runs)
+    assert "`--demo_error=0.3`, seeds 0, 1:" in text
+    assert "| init_sft | 1.250 [+0.25] (+0.250; 1/0) |" in text
+    assert "| majority | 1.000 [+0.00] |" in text
+    assert "| m | -1.200 | 0 / 2 |" in text and "| oracle, n=2 | -0.500 | 0 / 2 |" in text
