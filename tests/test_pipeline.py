@@ -156,7 +156,8 @@ def test_hh_smoke_runs_the_whole_pipeline_on_the_fixture(run, tmp_path):
     assert [p["name"] for p in results["policies"]][:3] == ["init", "sft", "demonstrations"]
     assert len(results["policies"]) == 9 and len(results["reward_models"]) == 7  # and the 6 trained methods
     assert all(math.isfinite(p["golden_reward"]) for p in results["policies"])
-    assert {b["rm"] for b in results["best_of_n"]} == set(names_of(results)) | {"oracle", "majority"}
+    assert {b["rm"] for b in results["best_of_n"]} == set(names_of(results)) | {"oracle", "majority"} | {
+        f"weighted_{rm}" for rm in names_of(results)}
     assert results["golden_reward"]["kind"] == "gold reward model (a proxy)"
     assert "a **proxy**" in (out / "report.md").read_text()
     gold = torch.load(out / "rm_gold.pt", weights_only=True)
